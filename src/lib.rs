@@ -1,0 +1,1 @@
+//! volfs: see README.md.
