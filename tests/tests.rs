@@ -1,1 +1,6 @@
+//! The one integration-test binary (Cargo.toml has `autotests = false`): every test file is a
+//! module of it. Tests need root, /dev/fuse and the `acl` package (setfacl/getfacl).
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
 mod util;
