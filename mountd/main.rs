@@ -1,1 +1,122 @@
-fn main() {}
+//! `volfs-mountd`: owns the store, serves every mount, answers the control socket.
+//! Runs in the foreground; SIGTERM or SIGINT unmount everything, flush, and exit 0.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use volfs::api::{self, Response};
+use volfs::volume::Registry;
+
+/// Serves volfs volumes over FUSE from one sled store.
+#[derive(Parser, Debug)]
+#[command(name = "volfs-mountd", version)]
+struct Args {
+    /// Directory holding the store (created if missing).
+    #[arg(long, default_value = "/var/lib/volfs")]
+    root: PathBuf,
+    /// Control socket for the `volfs` CLI (mode 0600).
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VOLFS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("volfs-mountd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // Signals are taken synchronously by the main thread; every other thread inherits the
+    // mask, so none of them is interrupted.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().context("blocking signals")?;
+
+    let registry = Arc::new(Registry::open(&args.root).map_err(anyhow::Error::msg)?);
+    let listener = bind(&args.socket)?;
+    tracing::info!(root = %args.root.display(), socket = %args.socket.display(), "volfs-mountd ready");
+
+    let reg = registry.clone();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let reg = reg.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("control-conn".into())
+                            .spawn(move || serve(&reg, stream));
+                    }
+                    Err(e) => tracing::warn!("accepting a control connection: {e}"),
+                }
+            }
+        })
+        .context("starting the control thread")?;
+
+    let sig = signals.wait().context("waiting for signals")?;
+    tracing::info!("{sig:?}: unmounting everything and flushing the store");
+    registry.shutdown();
+    let _ = std::fs::remove_file(&args.socket);
+    tracing::info!("volfs-mountd stopped cleanly");
+    Ok(())
+}
+
+fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+    }
+    if socket.exists() {
+        if UnixStream::connect(socket).is_ok() {
+            bail!(
+                "another volfs-mountd already answers on {}; stop it first or choose --socket",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing the stale socket {}", socket.display()))?;
+    }
+    // Created 0600 from the start: no window in which another user could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener =
+        listener.with_context(|| format!("binding the control socket {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", socket.display()))?;
+    Ok(listener)
+}
+
+fn serve(registry: &Registry, stream: UnixStream) {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new((&stream).take(api::MAX_REQUEST as u64 + 1));
+    let response = match reader.read_until(b'\n', &mut line) {
+        Ok(_) => match api::decode_request(line.trim_ascii()) {
+            Ok(req) => {
+                tracing::debug!(?req, "control request");
+                registry.handle(req)
+            }
+            Err(e) => Response::err(e),
+        },
+        Err(e) => Response::err(format!("reading the request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    let _ = (&stream).write_all(&out);
+}

@@ -1,1 +1,12 @@
-//! volfs: see README.md.
+//! volfs: Docker data volumes served over FUSE from one embedded sled store.
+//!
+//! Layers, top to bottom: `api` (control protocol) and `volume` (registry of volumes and
+//! mounts) drive `fs` (the FUSE adapter, the only user of fuser), which calls the `vfs`
+//! seam, implemented over `store` (the key layout). Errors are `error::FsError`.
+
+pub mod api;
+pub mod error;
+pub mod fs;
+pub mod store;
+pub mod vfs;
+pub mod volume;

@@ -4,3 +4,4 @@
 
 #[macro_use]
 mod util;
+mod posix;

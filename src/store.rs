@@ -1,0 +1,556 @@
+//! The on-disk layout: one sled database per daemon, every key built and parsed here.
+//!
+//! All filesystem state of every volume lives in the single tree `fs`, so that one
+//! `apply_batch` makes any multi-key change (a rename, a write and its size update) atomic
+//! and crash-consistent. Volume metadata lives in the tree `volumes`.
+//! Integers in keys are big-endian so that sled's byte order is numeric order.
+//!
+//! | tree      | key                                          | value                              |
+//! |-----------|----------------------------------------------|------------------------------------|
+//! | `volumes` | volume name (UTF-8)                          | [`VolumeRecord`]                   |
+//! | `fs`      | `vol:u64 'i' ino:u64`                        | [`InodeRecord`]                    |
+//! | `fs`      | `vol:u64 'd' parent:u64 name`                | [`DentryRecord`] (ino, kind, cookie) |
+//! | `fs`      | `vol:u64 'r' parent:u64 cookie:u64`          | readdir index: ino, kind, name     |
+//! | `fs`      | `vol:u64 'c' ino:u64 index:u64`              | chunk: crc32 ++ bytes (≤ [`CHUNK_SIZE`]) |
+//! | `fs`      | `vol:u64 'x' ino:u64 name`                   | xattr value                        |
+//! | `fs`      | `vol:u64 'o' ino:u64`                        | empty: inode unlinked while open   |
+//!
+//! Invariants: inode numbers come from `Db::generate_id` and are never reused; the root of
+//! every volume is inode 1; no chunk holds bytes at or past its file's size; a directory's
+//! readdir cookies only grow (`InodeRecord::next_cookie`), so a listing in cookie order
+//! neither skips nor repeats entries while the directory changes. The chunk checksum covers
+//! the chunk's key as well as its bytes, so a chunk stored under the wrong key is caught too.
+//! Records start with a format version byte.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::{FsError, FsResult};
+
+/// Bytes per data chunk: a small write costs the same in any file size.
+pub const CHUNK_SIZE: u64 = 64 * 1024;
+/// The root directory of every volume.
+pub const ROOT_INO: u64 = 1;
+
+const RECORD_VERSION: u8 = 1;
+
+pub const TAG_INODE: u8 = b'i';
+pub const TAG_DENTRY: u8 = b'd';
+pub const TAG_READDIR: u8 = b'r';
+pub const TAG_CHUNK: u8 = b'c';
+pub const TAG_XATTR: u8 = b'x';
+pub const TAG_ORPHAN: u8 = b'o';
+
+/// The opened database of one daemon.
+#[derive(Clone)]
+pub struct Store {
+    pub db: sled::Db,
+    pub fs: sled::Tree,
+    pub volumes: sled::Tree,
+    db_file: std::path::PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `root`. sled's page cache is bounded so the
+    /// daemon's memory does not grow with the volumes' size.
+    pub fn open(root: &Path) -> Result<Store, String> {
+        let dir = root.join("store");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create store directory {}: {e}", dir.display()))?;
+        let db = sled::Config::new()
+            .path(&dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .flush_every_ms(Some(200))
+            .open()
+            .map_err(|e| {
+                format!(
+                    "cannot open the volfs store in {}: {e} (is another volfs-mountd using it?)",
+                    dir.display()
+                )
+            })?;
+        let fs = db
+            .open_tree("fs")
+            .map_err(|e| format!("cannot open tree fs: {e}"))?;
+        let volumes = db
+            .open_tree("volumes")
+            .map_err(|e| format!("cannot open tree volumes: {e}"))?;
+        Ok(Store {
+            db,
+            fs,
+            volumes,
+            db_file: dir.join("db"),
+        })
+    }
+
+    /// Makes every write applied so far durable. sled's own flush uses `sync_file_range`,
+    /// which does not flush the device cache or file metadata, so the file is fsynced too.
+    pub fn sync(&self) -> FsResult<()> {
+        self.db
+            .flush()
+            .map_err(|e| FsError::storage("flushing the store", e))?;
+        let f = std::fs::File::open(&self.db_file).map_err(|e| {
+            tracing::error!("opening {} to fsync it: {e}", self.db_file.display());
+            FsError::Io(e.to_string())
+        })?;
+        f.sync_all().map_err(|e| {
+            tracing::error!("fsync of {}: {e}", self.db_file.display());
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                FsError::NoSpace
+            } else {
+                FsError::Io(e.to_string())
+            }
+        })
+    }
+
+    /// The directory holding sled's files.
+    pub fn dir(&self) -> std::path::PathBuf {
+        self.db_file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
+    /// A new inode number, never handed out before.
+    pub fn new_ino(&self) -> FsResult<u64> {
+        let id = self
+            .db
+            .generate_id()
+            .map_err(|e| FsError::storage("allocating an inode number", e))?;
+        Ok(id + 2)
+    }
+}
+
+fn prefix(vol: u64, tag: u8, id: u64, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17 + extra);
+    k.extend_from_slice(&vol.to_be_bytes());
+    k.push(tag);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn volume_prefix(vol: u64) -> Vec<u8> {
+    vol.to_be_bytes().to_vec()
+}
+
+pub fn tag_prefix(vol: u64, tag: u8) -> Vec<u8> {
+    let mut k = volume_prefix(vol);
+    k.push(tag);
+    k
+}
+
+pub fn inode_key(vol: u64, ino: u64) -> Vec<u8> {
+    prefix(vol, TAG_INODE, ino, 0)
+}
+
+pub fn parse_inode_key(key: &[u8]) -> Option<u64> {
+    (key.len() == 17 && key[8] == TAG_INODE).then(|| be_u64(&key[9..17]))
+}
+
+pub fn dentry_key(vol: u64, parent: u64, name: &[u8]) -> Vec<u8> {
+    let mut k = prefix(vol, TAG_DENTRY, parent, name.len());
+    k.extend_from_slice(name);
+    k
+}
+
+/// All entries of one directory, by name.
+pub fn dentry_prefix(vol: u64, parent: u64) -> Vec<u8> {
+    prefix(vol, TAG_DENTRY, parent, 0)
+}
+
+pub fn readdir_key(vol: u64, parent: u64, cookie: u64) -> Vec<u8> {
+    let mut k = prefix(vol, TAG_READDIR, parent, 8);
+    k.extend_from_slice(&cookie.to_be_bytes());
+    k
+}
+
+pub fn readdir_prefix(vol: u64, parent: u64) -> Vec<u8> {
+    prefix(vol, TAG_READDIR, parent, 0)
+}
+
+pub fn parse_readdir_key(key: &[u8]) -> Option<u64> {
+    (key.len() == 25 && key[8] == TAG_READDIR).then(|| be_u64(&key[17..25]))
+}
+
+pub fn chunk_key(vol: u64, ino: u64, index: u64) -> Vec<u8> {
+    let mut k = prefix(vol, TAG_CHUNK, ino, 8);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+pub fn chunk_prefix(vol: u64, ino: u64) -> Vec<u8> {
+    prefix(vol, TAG_CHUNK, ino, 0)
+}
+
+pub fn parse_chunk_key(key: &[u8]) -> Option<u64> {
+    (key.len() == 25 && key[8] == TAG_CHUNK).then(|| be_u64(&key[17..25]))
+}
+
+pub fn xattr_key(vol: u64, ino: u64, name: &[u8]) -> Vec<u8> {
+    let mut k = prefix(vol, TAG_XATTR, ino, name.len());
+    k.extend_from_slice(name);
+    k
+}
+
+pub fn xattr_prefix(vol: u64, ino: u64) -> Vec<u8> {
+    prefix(vol, TAG_XATTR, ino, 0)
+}
+
+pub fn orphan_key(vol: u64, ino: u64) -> Vec<u8> {
+    prefix(vol, TAG_ORPHAN, ino, 0)
+}
+
+pub fn parse_orphan_key(key: &[u8]) -> Option<u64> {
+    (key.len() == 17 && key[8] == TAG_ORPHAN).then(|| be_u64(&key[9..17]))
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_be_bytes(a)
+}
+
+/// Kind of an inode; the numbers are stored on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Regular = 1,
+    Directory = 2,
+    Symlink = 3,
+    Fifo = 4,
+    Socket = 5,
+    CharDevice = 6,
+    BlockDevice = 7,
+}
+
+impl FileKind {
+    pub fn from_u8(v: u8) -> Option<FileKind> {
+        Some(match v {
+            1 => FileKind::Regular,
+            2 => FileKind::Directory,
+            3 => FileKind::Symlink,
+            4 => FileKind::Fifo,
+            5 => FileKind::Socket,
+            6 => FileKind::CharDevice,
+            7 => FileKind::BlockDevice,
+            _ => return None,
+        })
+    }
+
+    /// From the `S_IFMT` bits of a mode.
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => FileKind::Regular,
+            libc::S_IFDIR => FileKind::Directory,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            _ => return None,
+        })
+    }
+
+    pub fn type_bits(self) -> u32 {
+        match self {
+            FileKind::Regular => libc::S_IFREG,
+            FileKind::Directory => libc::S_IFDIR,
+            FileKind::Symlink => libc::S_IFLNK,
+            FileKind::Fifo => libc::S_IFIFO,
+            FileKind::Socket => libc::S_IFSOCK,
+            FileKind::CharDevice => libc::S_IFCHR,
+            FileKind::BlockDevice => libc::S_IFBLK,
+        }
+    }
+}
+
+/// A point in time with nanoseconds, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nsecs: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp::from_system(SystemTime::now())
+    }
+
+    pub fn from_system(t: SystemTime) -> Timestamp {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timestamp {
+                secs: d.as_secs() as i64,
+                nsecs: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut secs = -(d.as_secs() as i64);
+                let mut nsecs = d.subsec_nanos();
+                if nsecs > 0 {
+                    secs -= 1;
+                    nsecs = 1_000_000_000 - nsecs;
+                }
+                Timestamp { secs, nsecs }
+            }
+        }
+    }
+
+    pub fn to_system(self) -> SystemTime {
+        if self.secs >= 0 {
+            UNIX_EPOCH + Duration::new(self.secs as u64, self.nsecs)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs())
+                + Duration::from_nanos(u64::from(self.nsecs))
+        }
+    }
+}
+
+/// Everything `stat` shows of an inode, plus directory bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InodeRecord {
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky (no type bits).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub size: u64,
+    /// Bytes stored in chunks (for `st_blocks` and usage accounting).
+    pub stored: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub btime: Timestamp,
+    /// Directories: the parent's inode (for `..`).
+    pub parent: u64,
+    /// Directories: the next readdir cookie to hand out.
+    pub next_cookie: u64,
+    /// Symlinks: the target.
+    pub target: Vec<u8>,
+}
+
+/// First readdir cookie of a directory; 1 and 2 are `.` and `..`.
+pub const FIRST_COOKIE: u64 = 3;
+
+impl InodeRecord {
+    pub fn new(kind: FileKind, perm: u32, uid: u32, gid: u32, now: Timestamp) -> InodeRecord {
+        InodeRecord {
+            kind,
+            perm: perm & 0o7777,
+            uid,
+            gid,
+            nlink: if kind == FileKind::Directory { 2 } else { 1 },
+            rdev: 0,
+            size: 0,
+            stored: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            parent: 0,
+            next_cookie: FIRST_COOKIE,
+            target: Vec::new(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(112 + self.target.len());
+        v.push(RECORD_VERSION);
+        v.push(self.kind as u8);
+        for x in [self.perm, self.uid, self.gid, self.nlink, self.rdev] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        v.extend_from_slice(&self.size.to_be_bytes());
+        v.extend_from_slice(&self.stored.to_be_bytes());
+        for t in [self.atime, self.mtime, self.ctime, self.btime] {
+            v.extend_from_slice(&t.secs.to_be_bytes());
+            v.extend_from_slice(&t.nsecs.to_be_bytes());
+        }
+        v.extend_from_slice(&self.parent.to_be_bytes());
+        v.extend_from_slice(&self.next_cookie.to_be_bytes());
+        v.extend_from_slice(&(self.target.len() as u32).to_be_bytes());
+        v.extend_from_slice(&self.target);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Option<InodeRecord> {
+        const FIXED: usize = 1 + 1 + 20 + 16 + 48 + 16 + 4;
+        if b.len() < FIXED || b[0] != RECORD_VERSION {
+            return None;
+        }
+        let kind = FileKind::from_u8(b[1])?;
+        let u = |i: usize| be_u32(&b[2 + 4 * i..]);
+        let ts = |off: usize| Timestamp {
+            secs: be_u64(&b[off..]) as i64,
+            nsecs: be_u32(&b[off + 8..]),
+        };
+        let tlen = be_u32(&b[FIXED - 4..]) as usize;
+        if b.len() != FIXED + tlen {
+            return None;
+        }
+        let rec = InodeRecord {
+            kind,
+            perm: u(0),
+            uid: u(1),
+            gid: u(2),
+            nlink: u(3),
+            rdev: u(4),
+            size: be_u64(&b[22..]),
+            stored: be_u64(&b[30..]),
+            atime: ts(38),
+            mtime: ts(50),
+            ctime: ts(62),
+            btime: ts(74),
+            parent: be_u64(&b[86..]),
+            next_cookie: be_u64(&b[94..]),
+            target: b[FIXED..].to_vec(),
+        };
+        (rec.atime.nsecs < 1_000_000_000 && rec.mtime.nsecs < 1_000_000_000).then_some(rec)
+    }
+}
+
+/// A name in a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DentryRecord {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub cookie: u64,
+}
+
+impl DentryRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(18);
+        v.push(RECORD_VERSION);
+        v.extend_from_slice(&self.ino.to_be_bytes());
+        v.push(self.kind as u8);
+        v.extend_from_slice(&self.cookie.to_be_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Option<DentryRecord> {
+        if b.len() != 18 || b[0] != RECORD_VERSION {
+            return None;
+        }
+        Some(DentryRecord {
+            ino: be_u64(&b[1..]),
+            kind: FileKind::from_u8(b[9])?,
+            cookie: be_u64(&b[10..]),
+        })
+    }
+}
+
+/// Value of a readdir index key: the entry, so a listing needs no second lookup.
+pub fn encode_readdir(ino: u64, kind: FileKind, name: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + name.len());
+    v.extend_from_slice(&ino.to_be_bytes());
+    v.push(kind as u8);
+    v.extend_from_slice(name);
+    v
+}
+
+pub fn decode_readdir(b: &[u8]) -> Option<(u64, FileKind, &[u8])> {
+    if b.len() < 10 {
+        return None;
+    }
+    Some((be_u64(b), FileKind::from_u8(b[8])?, &b[9..]))
+}
+
+fn chunk_crc(key: &[u8], data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(key);
+    h.update(data);
+    h.finalize()
+}
+
+pub fn encode_chunk(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + data.len());
+    v.extend_from_slice(&chunk_crc(key, data).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// The chunk's bytes, or `None` when the checksum does not match.
+pub fn decode_chunk<'a>(key: &[u8], value: &'a [u8]) -> Option<&'a [u8]> {
+    if value.len() < 4 || value.len() > 4 + CHUNK_SIZE as usize {
+        return None;
+    }
+    let data = &value[4..];
+    (be_u32(value) == chunk_crc(key, data)).then_some(data)
+}
+
+/// A volume's record in the `volumes` tree.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeRecord {
+    pub version: u8,
+    pub id: u64,
+    pub created: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_record_round_trips() {
+        let mut r = InodeRecord::new(FileKind::Symlink, 0o4755, 1000, 100, Timestamp::now());
+        r.target = b"/some/where".to_vec();
+        r.size = 1 << 40;
+        r.atime = Timestamp { secs: -5, nsecs: 7 };
+        assert_eq!(InodeRecord::decode(&r.encode()), Some(r));
+    }
+
+    #[test]
+    fn decoders_reject_garbage_without_panicking() {
+        for len in 0..200 {
+            let junk: Vec<u8> = (0..len).map(|i| (i * 37 + 1) as u8).collect();
+            let _ = InodeRecord::decode(&junk);
+            let _ = DentryRecord::decode(&junk);
+            let _ = decode_readdir(&junk);
+            let _ = decode_chunk(b"k", &junk);
+        }
+        assert_eq!(InodeRecord::decode(&[9; 200]), None);
+    }
+
+    #[test]
+    fn chunk_checksum_catches_flipped_byte_and_wrong_key() {
+        let key = chunk_key(1, 2, 3);
+        let mut v = encode_chunk(&key, b"hello");
+        assert_eq!(decode_chunk(&key, &v), Some(&b"hello"[..]));
+        assert_eq!(decode_chunk(&chunk_key(1, 2, 4), &v), None);
+        v[6] ^= 1;
+        assert_eq!(decode_chunk(&key, &v), None);
+    }
+
+    #[test]
+    fn keys_sort_numerically_and_parse_back() {
+        assert!(chunk_key(1, 2, 255) < chunk_key(1, 2, 256));
+        assert!(readdir_key(1, 2, 9) < readdir_key(1, 2, 10));
+        assert_eq!(parse_chunk_key(&chunk_key(1, 2, 77)), Some(77));
+        assert_eq!(parse_inode_key(&inode_key(4, 99)), Some(99));
+        assert_eq!(parse_readdir_key(&readdir_key(4, 5, 6)), Some(6));
+        assert_eq!(parse_orphan_key(&orphan_key(4, 8)), Some(8));
+        assert!(dentry_key(1, 2, b"a").starts_with(&dentry_prefix(1, 2)));
+    }
+
+    #[test]
+    fn timestamps_round_trip_before_and_after_epoch() {
+        for t in [
+            Timestamp { secs: 0, nsecs: 1 },
+            Timestamp {
+                secs: 1_700_000_000,
+                nsecs: 123_456_789,
+            },
+            Timestamp {
+                secs: -2,
+                nsecs: 500,
+            },
+        ] {
+            assert_eq!(Timestamp::from_system(t.to_system()), t);
+        }
+    }
+}

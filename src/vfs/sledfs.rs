@@ -1,0 +1,1268 @@
+//! [`FileSystem`] over the sled store: one instance per volume, shared by all its mounts.
+//!
+//! Concurrency: namespace changes (create, link, unlink, rename…) hold the volume's
+//! `namespace` lock, because sled transactions cannot scan ("is this directory empty?").
+//! Changes to an inode's record hold its stripe lock, taken after `namespace` and in
+//! ascending stripe order. Reads take no lock. Every change is one `apply_batch`, so it is
+//! atomic and survives a crash whole or not at all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use super::acl;
+use super::{
+    Attr, Ctx, DirEntry, FileSystem, Ino, NAME_MAX, RenameFlags, SetAttr, SetTime, StatFs,
+    XATTR_SIZE_MAX, falloc,
+};
+use crate::error::{FsError, FsResult};
+use crate::store::{
+    self, CHUNK_SIZE, DentryRecord, FileKind, InodeRecord, ROOT_INO, Store, Timestamp,
+};
+
+const STRIPES: usize = 64;
+
+/// One volume's filesystem.
+pub struct SledFs {
+    store: Store,
+    vol: u64,
+    name: String,
+    namespace: Mutex<()>,
+    stripes: Vec<Mutex<()>>,
+    open_handles: Mutex<HashMap<Ino, u32>>,
+    /// Bytes stored in chunks and live inodes, kept in memory for `statfs`.
+    used_bytes: AtomicU64,
+    inodes: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these guards cannot leave sled inconsistent (batches are
+    // atomic), so a poisoned lock is still safe to use.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(FsError::Invalid);
+    }
+    Ok(())
+}
+
+fn attr_of(ino: Ino, r: &InodeRecord) -> Attr {
+    Attr {
+        ino,
+        kind: r.kind,
+        perm: r.perm,
+        nlink: r.nlink,
+        uid: r.uid,
+        gid: r.gid,
+        rdev: r.rdev,
+        size: r.size,
+        blocks: r.stored.div_ceil(512),
+        atime: r.atime,
+        mtime: r.mtime,
+        ctime: r.ctime,
+        btime: r.btime,
+    }
+}
+
+/// What to create in `create_node`.
+struct NewNode<'a> {
+    kind: FileKind,
+    perm: u32,
+    umask: u32,
+    rdev: u32,
+    target: &'a [u8],
+}
+
+/// Records loaded for one change, written back together.
+struct Dirty(BTreeMap<Ino, InodeRecord>);
+
+impl Dirty {
+    fn get(&mut self, ino: Ino) -> &mut InodeRecord {
+        // Every ino passed here was loaded first; a miss is a programming error.
+        self.0.get_mut(&ino).expect("inode loaded before use")
+    }
+}
+
+impl SledFs {
+    /// Opens a volume: reclaims inodes left unlinked-but-open by a previous run and counts
+    /// usage for `statfs`.
+    pub fn open(store: Store, vol: u64, name: &str) -> FsResult<SledFs> {
+        let fs = SledFs {
+            store,
+            vol,
+            name: name.to_string(),
+            namespace: Mutex::new(()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            open_handles: Mutex::new(HashMap::new()),
+            used_bytes: AtomicU64::new(0),
+            inodes: AtomicU64::new(0),
+        };
+        fs.get_inode(ROOT_INO)?;
+        let orphans: Vec<Ino> = fs
+            .store
+            .fs
+            .scan_prefix(store::tag_prefix(vol, store::TAG_ORPHAN))
+            .keys()
+            .filter_map(|k| k.ok().and_then(|k| store::parse_orphan_key(&k)))
+            .collect();
+        for ino in orphans {
+            tracing::info!(volume = name, ino, "reclaiming inode unlinked while open");
+            let mut batch = sled::Batch::default();
+            fs.drop_inode(&mut batch, ino)?;
+            fs.apply(batch, "reclaiming an orphan inode")?;
+        }
+        let (mut bytes, mut count) = (0u64, 0u64);
+        for item in fs
+            .store
+            .fs
+            .scan_prefix(store::tag_prefix(vol, store::TAG_INODE))
+        {
+            let (_, v) = item.map_err(|e| FsError::storage("counting volume usage", e))?;
+            if let Some(r) = InodeRecord::decode(&v) {
+                bytes += r.stored + r.target.len() as u64;
+                count += 1;
+            }
+        }
+        fs.used_bytes.store(bytes, Ordering::Relaxed);
+        fs.inodes.store(count, Ordering::Relaxed);
+        Ok(fs)
+    }
+
+    /// Writes the root directory of a new volume.
+    pub fn init_volume(store: &Store, vol: u64, uid: u32, gid: u32, perm: u32) -> FsResult<()> {
+        let mut root = InodeRecord::new(FileKind::Directory, perm, uid, gid, Timestamp::now());
+        root.parent = ROOT_INO;
+        store
+            .fs
+            .insert(store::inode_key(vol, ROOT_INO), root.encode())
+            .map_err(|e| FsError::storage("writing a new volume's root", e))?;
+        Ok(())
+    }
+
+    fn stripe_locks(&self, inos: &[Ino]) -> Vec<MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = inos.iter().map(|i| (*i as usize) % STRIPES).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| lock(&self.stripes[i])).collect()
+    }
+
+    fn apply(&self, batch: sled::Batch, what: &str) -> FsResult<()> {
+        self.store
+            .fs
+            .apply_batch(batch)
+            .map_err(|e| FsError::storage(&format!("{what} in volume {}", self.name), e))
+    }
+
+    fn get_inode(&self, ino: Ino) -> FsResult<InodeRecord> {
+        let v = self
+            .store
+            .fs
+            .get(store::inode_key(self.vol, ino))
+            .map_err(|e| FsError::storage("reading an inode", e))?
+            .ok_or(FsError::NotFound)?;
+        InodeRecord::decode(&v).ok_or_else(|| {
+            tracing::error!(volume = %self.name, ino, "inode record is corrupt");
+            FsError::Io(format!("corrupt inode {ino}"))
+        })
+    }
+
+    fn get_dentry(&self, parent: Ino, name: &[u8]) -> FsResult<Option<DentryRecord>> {
+        let Some(v) = self
+            .store
+            .fs
+            .get(store::dentry_key(self.vol, parent, name))
+            .map_err(|e| FsError::storage("reading a directory entry", e))?
+        else {
+            return Ok(None);
+        };
+        DentryRecord::decode(&v).map(Some).ok_or_else(|| {
+            tracing::error!(volume = %self.name, parent, "directory entry is corrupt");
+            FsError::Io(format!("corrupt entry in directory {parent}"))
+        })
+    }
+
+    fn get_xattr(&self, ino: Ino, name: &[u8]) -> FsResult<Option<sled::IVec>> {
+        self.store
+            .fs
+            .get(store::xattr_key(self.vol, ino, name))
+            .map_err(|e| FsError::storage("reading an xattr", e))
+    }
+
+    fn dir_is_empty(&self, ino: Ino) -> FsResult<bool> {
+        match self
+            .store
+            .fs
+            .scan_prefix(store::dentry_prefix(self.vol, ino))
+            .next()
+        {
+            None => Ok(true),
+            Some(Ok(_)) => Ok(false),
+            Some(Err(e)) => Err(FsError::storage("listing a directory", e)),
+        }
+    }
+
+    fn load(&self, inos: &[Ino]) -> FsResult<Dirty> {
+        let mut m = BTreeMap::new();
+        for &ino in inos {
+            if let std::collections::btree_map::Entry::Vacant(e) = m.entry(ino) {
+                e.insert(self.get_inode(ino)?);
+            }
+        }
+        Ok(Dirty(m))
+    }
+
+    fn put_all(&self, batch: &mut sled::Batch, dirty: &Dirty) {
+        for (ino, r) in &dirty.0 {
+            if r.nlink > 0 || self.is_open(*ino) {
+                batch.insert(store::inode_key(self.vol, *ino), r.encode());
+            }
+        }
+    }
+
+    fn is_open(&self, ino: Ino) -> bool {
+        lock(&self.open_handles).get(&ino).copied().unwrap_or(0) > 0
+    }
+
+    /// Removes an inode with its data and xattrs into `batch`.
+    fn drop_inode(&self, batch: &mut sled::Batch, ino: Ino) -> FsResult<()> {
+        let t = &self.store.fs;
+        for prefix in [
+            store::chunk_prefix(self.vol, ino),
+            store::xattr_prefix(self.vol, ino),
+        ] {
+            for k in t.scan_prefix(prefix).keys() {
+                batch.remove(k.map_err(|e| FsError::storage("listing an inode's data", e))?);
+            }
+        }
+        if let Ok(r) = self.get_inode(ino) {
+            self.used_bytes
+                .fetch_sub(r.stored + r.target.len() as u64, Ordering::Relaxed);
+            self.inodes.fetch_sub(1, Ordering::Relaxed);
+        }
+        batch.remove(store::inode_key(self.vol, ino));
+        batch.remove(store::orphan_key(self.vol, ino));
+        Ok(())
+    }
+
+    /// Drops one name's reference to `ino` (already decremented in `dirty`): the inode goes
+    /// when no name and no open handle is left.
+    fn release_if_unlinked(
+        &self,
+        batch: &mut sled::Batch,
+        dirty: &Dirty,
+        ino: Ino,
+    ) -> FsResult<()> {
+        let Some(r) = dirty.0.get(&ino) else {
+            return Ok(());
+        };
+        if r.nlink == 0 {
+            if self.is_open(ino) {
+                batch.insert(store::orphan_key(self.vol, ino), &[][..]);
+            } else {
+                self.drop_inode(batch, ino)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn create_node(
+        &self,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        node: NewNode<'_>,
+    ) -> FsResult<Attr> {
+        let NewNode {
+            kind,
+            perm,
+            umask,
+            rdev,
+            target,
+        } = node;
+        check_name(name)?;
+        let _ns = lock(&self.namespace);
+        let ino = self.store.new_ino()?;
+        let _l = self.stripe_locks(&[parent, ino]);
+        let mut dirty = self.load(&[parent])?;
+        let p = dirty.get(parent);
+        if p.kind != FileKind::Directory {
+            return Err(FsError::NotDir);
+        }
+        if p.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        if self.get_dentry(parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let now = Timestamp::now();
+        let mut perm = perm & 0o7777;
+        let mut gid = ctx.gid;
+        if p.perm & libc::S_ISGID != 0 {
+            gid = p.gid;
+            if kind == FileKind::Directory {
+                perm |= libc::S_ISGID;
+            }
+        }
+        let mut batch = sled::Batch::default();
+        let default_acl = if matches!(kind, FileKind::Symlink) {
+            None
+        } else {
+            self.get_xattr(parent, acl::DEFAULT)?
+        };
+        if let Some(default) = &default_acl {
+            // A default ACL replaces the umask (POSIX.1e).
+            let (new_perm, access) = acl::inherit(default, perm)?;
+            perm = new_perm;
+            if let Some(a) = access {
+                batch.insert(store::xattr_key(self.vol, ino, acl::ACCESS), a);
+            }
+            if kind == FileKind::Directory {
+                batch.insert(
+                    store::xattr_key(self.vol, ino, acl::DEFAULT),
+                    default.clone(),
+                );
+            }
+        } else {
+            perm &= !umask;
+        }
+        let mut rec = InodeRecord::new(kind, perm, ctx.uid, gid, now);
+        rec.rdev = rdev;
+        rec.target = target.to_vec();
+        rec.size = target.len() as u64;
+        let p = dirty.get(parent);
+        if kind == FileKind::Directory {
+            rec.parent = parent;
+            p.nlink += 1;
+        }
+        let cookie = p.next_cookie;
+        p.next_cookie += 1;
+        p.size += 1;
+        p.mtime = now;
+        p.ctime = now;
+        batch.insert(store::inode_key(self.vol, ino), rec.encode());
+        batch.insert(
+            store::dentry_key(self.vol, parent, name),
+            DentryRecord { ino, kind, cookie }.encode(),
+        );
+        batch.insert(
+            store::readdir_key(self.vol, parent, cookie),
+            store::encode_readdir(ino, kind, name),
+        );
+        self.put_all(&mut batch, &dirty);
+        self.apply(batch, "creating a file")?;
+        self.inodes.fetch_add(1, Ordering::Relaxed);
+        self.used_bytes
+            .fetch_add(target.len() as u64, Ordering::Relaxed);
+        Ok(attr_of(ino, &rec))
+    }
+
+    fn read_chunk(&self, ino: Ino, index: u64) -> FsResult<Option<Vec<u8>>> {
+        let key = store::chunk_key(self.vol, ino, index);
+        let Some(v) = self
+            .store
+            .fs
+            .get(&key)
+            .map_err(|e| FsError::storage("reading file data", e))?
+        else {
+            return Ok(None);
+        };
+        self.verify_chunk(ino, index, &key, &v)
+            .map(|d| Some(d.to_vec()))
+    }
+
+    fn verify_chunk<'a>(
+        &self,
+        ino: Ino,
+        index: u64,
+        key: &[u8],
+        v: &'a [u8],
+    ) -> FsResult<&'a [u8]> {
+        store::decode_chunk(key, v).ok_or_else(|| {
+            tracing::error!(
+                volume = %self.name,
+                ino,
+                offset = index * CHUNK_SIZE,
+                "chunk checksum mismatch: refusing to return corrupt data"
+            );
+            FsError::Io(format!(
+                "corrupt chunk of inode {ino} at offset {}",
+                index * CHUNK_SIZE
+            ))
+        })
+    }
+
+    fn chunks_from(&self, ino: Ino, first: u64) -> sled::Iter {
+        let start = store::chunk_key(self.vol, ino, first);
+        let end = store::chunk_key(self.vol, ino, u64::MAX);
+        self.store.fs.range(start..=end)
+    }
+
+    /// Cuts the file to `new_size` into `batch`: later chunks go, the last one is trimmed.
+    fn truncate_into(
+        &self,
+        batch: &mut sled::Batch,
+        ino: Ino,
+        rec: &mut InodeRecord,
+        new_size: u64,
+    ) -> FsResult<()> {
+        if new_size < rec.size {
+            let keep_partial = new_size % CHUNK_SIZE;
+            let first_gone = new_size.div_ceil(CHUNK_SIZE);
+            for item in self.chunks_from(ino, first_gone) {
+                let (k, v) = item.map_err(|e| FsError::storage("truncating a file", e))?;
+                rec.stored = rec.stored.saturating_sub(v.len() as u64 - 4);
+                self.used_bytes
+                    .fetch_sub(v.len() as u64 - 4, Ordering::Relaxed);
+                batch.remove(k);
+            }
+            if keep_partial != 0 {
+                let idx = new_size / CHUNK_SIZE;
+                if let Some(mut data) = self.read_chunk(ino, idx)? {
+                    if data.len() as u64 > keep_partial {
+                        let cut = data.len() as u64 - keep_partial;
+                        data.truncate(keep_partial as usize);
+                        rec.stored -= cut;
+                        self.used_bytes.fetch_sub(cut, Ordering::Relaxed);
+                        let key = store::chunk_key(self.vol, ino, idx);
+                        let v = store::encode_chunk(&key, &data);
+                        batch.insert(key, v);
+                    }
+                }
+            }
+        }
+        rec.size = new_size;
+        Ok(())
+    }
+
+    /// Zeroes `[start, end)` into `batch`: whole chunks are removed, partial ones zeroed.
+    fn punch_into(
+        &self,
+        batch: &mut sled::Batch,
+        ino: Ino,
+        rec: &mut InodeRecord,
+        start: u64,
+        end: u64,
+    ) -> FsResult<()> {
+        let end = end.min(rec.size);
+        if start >= end {
+            return Ok(());
+        }
+        let last = (end - 1) / CHUNK_SIZE;
+        for item in self.chunks_from(ino, start / CHUNK_SIZE) {
+            let (k, v) = item.map_err(|e| FsError::storage("punching a hole", e))?;
+            let Some(idx) = store::parse_chunk_key(&k) else {
+                continue;
+            };
+            if idx > last {
+                break;
+            }
+            let data = self.verify_chunk(ino, idx, &k, &v)?;
+            let cs = idx * CHUNK_SIZE;
+            let ce = cs + data.len() as u64;
+            if start <= cs && end >= ce {
+                rec.stored -= data.len() as u64;
+                self.used_bytes
+                    .fetch_sub(data.len() as u64, Ordering::Relaxed);
+                batch.remove(k);
+            } else if start < ce {
+                let mut d = data.to_vec();
+                let a = (start.max(cs) - cs) as usize;
+                let b = (end.min(ce) - cs) as usize;
+                d[a..b].fill(0);
+                let v = store::encode_chunk(&k, &d);
+                batch.insert(k, v);
+            }
+        }
+        Ok(())
+    }
+
+    fn touch(rec: &mut InodeRecord, now: Timestamp) {
+        rec.mtime = now;
+        rec.ctime = now;
+    }
+}
+
+impl FileSystem for SledFs {
+    fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let d = self.get_dentry(parent, name)?.ok_or_else(|| {
+            if self
+                .get_inode(parent)
+                .is_ok_and(|p| p.kind != FileKind::Directory)
+            {
+                FsError::NotDir
+            } else {
+                FsError::NotFound
+            }
+        })?;
+        self.getattr(d.ino)
+    }
+
+    fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        Ok(attr_of(ino, &self.get_inode(ino)?))
+    }
+
+    fn setattr(&self, _ctx: &Ctx, ino: Ino, set: &SetAttr) -> FsResult<Attr> {
+        let _l = self.stripe_locks(&[ino]);
+        let mut rec = self.get_inode(ino)?;
+        let now = Timestamp::now();
+        let mut batch = sled::Batch::default();
+        if let Some(mode) = set.mode {
+            rec.perm = mode & 0o7777;
+            if let Some(a) = self.get_xattr(ino, acl::ACCESS)? {
+                let key = store::xattr_key(self.vol, ino, acl::ACCESS);
+                batch.insert(key, acl::chmod(&a, rec.perm)?);
+            }
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            if let Some(uid) = set.uid {
+                rec.uid = uid;
+            }
+            if let Some(gid) = set.gid {
+                rec.gid = gid;
+            }
+            // chown clears setuid, and setgid when group-exec is set (as Linux does for
+            // non-directories), unless the same call sets the mode explicitly.
+            if set.mode.is_none() && rec.kind != FileKind::Directory {
+                rec.perm &= !libc::S_ISUID;
+                if rec.perm & libc::S_IXGRP != 0 {
+                    rec.perm &= !libc::S_ISGID;
+                }
+            }
+        }
+        if let Some(size) = set.size {
+            match rec.kind {
+                FileKind::Regular => {}
+                FileKind::Directory => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid),
+            }
+            self.truncate_into(&mut batch, ino, &mut rec, size)?;
+            rec.mtime = now;
+        }
+        let resolve = |t: SetTime| match t {
+            SetTime::Now => now,
+            SetTime::At(t) => t,
+        };
+        if let Some(t) = set.atime {
+            rec.atime = resolve(t);
+        }
+        if let Some(t) = set.mtime {
+            rec.mtime = resolve(t);
+        }
+        rec.ctime = set.ctime.unwrap_or(now);
+        batch.insert(store::inode_key(self.vol, ino), rec.encode());
+        self.apply(batch, "changing attributes")?;
+        Ok(attr_of(ino, &rec))
+    }
+
+    fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let r = self.get_inode(ino)?;
+        if r.kind != FileKind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        Ok(r.target)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> FsResult<Attr> {
+        let kind = FileKind::from_mode(mode).ok_or(FsError::Invalid)?;
+        if kind == FileKind::Directory || kind == FileKind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        let rdev = if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) {
+            rdev
+        } else {
+            0
+        };
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            NewNode {
+                kind,
+                perm: mode,
+                umask,
+                rdev,
+                target: b"",
+            },
+        )
+    }
+
+    fn mkdir(&self, ctx: &Ctx, parent: Ino, name: &[u8], mode: u32, umask: u32) -> FsResult<Attr> {
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            NewNode {
+                kind: FileKind::Directory,
+                perm: mode,
+                umask,
+                rdev: 0,
+                target: b"",
+            },
+        )
+    }
+
+    fn symlink(&self, ctx: &Ctx, parent: Ino, name: &[u8], target: &[u8]) -> FsResult<Attr> {
+        if target.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        if target.len() > 4096 {
+            return Err(FsError::NameTooLong);
+        }
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            NewNode {
+                kind: FileKind::Symlink,
+                perm: 0o777,
+                umask: 0,
+                rdev: 0,
+                target,
+            },
+        )
+    }
+
+    fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> FsResult<Attr> {
+        check_name(newname)?;
+        let _ns = lock(&self.namespace);
+        let _l = self.stripe_locks(&[ino, newparent]);
+        let mut dirty = self.load(&[ino, newparent])?;
+        if dirty.get(newparent).kind != FileKind::Directory {
+            return Err(FsError::NotDir);
+        }
+        if dirty.get(ino).kind == FileKind::Directory {
+            return Err(FsError::NotPermitted);
+        }
+        if dirty.get(ino).nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        if dirty.get(ino).nlink == u32::MAX {
+            return Err(FsError::TooManyLinks);
+        }
+        if self.get_dentry(newparent, newname)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let now = Timestamp::now();
+        let p = dirty.get(newparent);
+        let cookie = p.next_cookie;
+        p.next_cookie += 1;
+        p.size += 1;
+        Self::touch(p, now);
+        let r = dirty.get(ino);
+        r.nlink += 1;
+        r.ctime = now;
+        let kind = r.kind;
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            store::dentry_key(self.vol, newparent, newname),
+            DentryRecord { ino, kind, cookie }.encode(),
+        );
+        batch.insert(
+            store::readdir_key(self.vol, newparent, cookie),
+            store::encode_readdir(ino, kind, newname),
+        );
+        self.put_all(&mut batch, &dirty);
+        self.apply(batch, "linking")?;
+        Ok(attr_of(ino, dirty.get(ino)))
+    }
+
+    fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        check_name(name)?;
+        let _ns = lock(&self.namespace);
+        let d = self.get_dentry(parent, name)?.ok_or(FsError::NotFound)?;
+        let _l = self.stripe_locks(&[parent, d.ino]);
+        let mut dirty = self.load(&[parent, d.ino])?;
+        if dirty.get(d.ino).kind == FileKind::Directory {
+            return Err(FsError::IsDir);
+        }
+        let now = Timestamp::now();
+        let p = dirty.get(parent);
+        p.size = p.size.saturating_sub(1);
+        Self::touch(p, now);
+        let r = dirty.get(d.ino);
+        r.nlink = r.nlink.saturating_sub(1);
+        r.ctime = now;
+        let mut batch = sled::Batch::default();
+        batch.remove(store::dentry_key(self.vol, parent, name));
+        batch.remove(store::readdir_key(self.vol, parent, d.cookie));
+        self.release_if_unlinked(&mut batch, &dirty, d.ino)?;
+        self.put_all(&mut batch, &dirty);
+        self.apply(batch, "unlinking")
+    }
+
+    fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        if name == b"." {
+            return Err(FsError::Invalid);
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        check_name(name)?;
+        let _ns = lock(&self.namespace);
+        let d = self.get_dentry(parent, name)?.ok_or(FsError::NotFound)?;
+        let _l = self.stripe_locks(&[parent, d.ino]);
+        let mut dirty = self.load(&[parent, d.ino])?;
+        if dirty.get(d.ino).kind != FileKind::Directory {
+            return Err(FsError::NotDir);
+        }
+        if !self.dir_is_empty(d.ino)? {
+            return Err(FsError::NotEmpty);
+        }
+        let now = Timestamp::now();
+        let p = dirty.get(parent);
+        p.size = p.size.saturating_sub(1);
+        p.nlink = p.nlink.saturating_sub(1);
+        Self::touch(p, now);
+        let r = dirty.get(d.ino);
+        r.nlink = 0;
+        r.ctime = now;
+        let mut batch = sled::Batch::default();
+        batch.remove(store::dentry_key(self.vol, parent, name));
+        batch.remove(store::readdir_key(self.vol, parent, d.cookie));
+        self.release_if_unlinked(&mut batch, &dirty, d.ino)?;
+        self.put_all(&mut batch, &dirty);
+        self.apply(batch, "removing a directory")
+    }
+
+    fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: RenameFlags,
+    ) -> FsResult<()> {
+        check_name(name)?;
+        check_name(newname)?;
+        if flags.exchange && flags.noreplace {
+            return Err(FsError::Invalid);
+        }
+        let _ns = lock(&self.namespace);
+        let src = self.get_dentry(parent, name)?.ok_or(FsError::NotFound)?;
+        let dst = self.get_dentry(newparent, newname)?;
+        let mut inos = vec![parent, newparent, src.ino];
+        inos.extend(dst.map(|d| d.ino));
+        let _l = self.stripe_locks(&inos);
+        let mut dirty = self.load(&inos)?;
+        if dirty.get(newparent).kind != FileKind::Directory {
+            return Err(FsError::NotDir);
+        }
+        let src_is_dir = src.kind == FileKind::Directory;
+        let now = Timestamp::now();
+        let mut batch = sled::Batch::default();
+
+        if flags.exchange {
+            let dst = dst.ok_or(FsError::NotFound)?;
+            if dst.ino == src.ino {
+                return Ok(());
+            }
+            let dst_is_dir = dst.kind == FileKind::Directory;
+            batch.insert(
+                store::dentry_key(self.vol, parent, name),
+                DentryRecord {
+                    ino: dst.ino,
+                    kind: dst.kind,
+                    cookie: src.cookie,
+                }
+                .encode(),
+            );
+            batch.insert(
+                store::readdir_key(self.vol, parent, src.cookie),
+                store::encode_readdir(dst.ino, dst.kind, name),
+            );
+            batch.insert(
+                store::dentry_key(self.vol, newparent, newname),
+                DentryRecord {
+                    ino: src.ino,
+                    kind: src.kind,
+                    cookie: dst.cookie,
+                }
+                .encode(),
+            );
+            batch.insert(
+                store::readdir_key(self.vol, newparent, dst.cookie),
+                store::encode_readdir(src.ino, src.kind, newname),
+            );
+            if parent != newparent {
+                if src_is_dir {
+                    dirty.get(parent).nlink -= 1;
+                    dirty.get(newparent).nlink += 1;
+                    dirty.get(src.ino).parent = newparent;
+                }
+                if dst_is_dir {
+                    dirty.get(newparent).nlink -= 1;
+                    dirty.get(parent).nlink += 1;
+                    dirty.get(dst.ino).parent = parent;
+                }
+            }
+            dirty.get(src.ino).ctime = now;
+            dirty.get(dst.ino).ctime = now;
+            Self::touch(dirty.get(parent), now);
+            Self::touch(dirty.get(newparent), now);
+            self.put_all(&mut batch, &dirty);
+            return self.apply(batch, "exchanging names");
+        }
+
+        if let Some(d) = dst {
+            if flags.noreplace {
+                return Err(FsError::Exists);
+            }
+            if d.ino == src.ino {
+                return Ok(());
+            }
+            let dst_is_dir = d.kind == FileKind::Directory;
+            if src_is_dir && !dst_is_dir {
+                return Err(FsError::NotDir);
+            }
+            if !src_is_dir && dst_is_dir {
+                return Err(FsError::IsDir);
+            }
+            if dst_is_dir && !self.dir_is_empty(d.ino)? {
+                return Err(FsError::NotEmpty);
+            }
+            batch.remove(store::readdir_key(self.vol, newparent, d.cookie));
+            let np = dirty.get(newparent);
+            np.size = np.size.saturating_sub(1);
+            if dst_is_dir {
+                np.nlink = np.nlink.saturating_sub(1);
+                dirty.get(d.ino).nlink = 0;
+            } else {
+                let r = dirty.get(d.ino);
+                r.nlink = r.nlink.saturating_sub(1);
+            }
+            dirty.get(d.ino).ctime = now;
+            self.release_if_unlinked(&mut batch, &dirty, d.ino)?;
+        }
+        batch.remove(store::dentry_key(self.vol, parent, name));
+        batch.remove(store::readdir_key(self.vol, parent, src.cookie));
+        let np = dirty.get(newparent);
+        let cookie = np.next_cookie;
+        np.next_cookie += 1;
+        np.size += 1;
+        batch.insert(
+            store::dentry_key(self.vol, newparent, newname),
+            DentryRecord {
+                ino: src.ino,
+                kind: src.kind,
+                cookie,
+            }
+            .encode(),
+        );
+        batch.insert(
+            store::readdir_key(self.vol, newparent, cookie),
+            store::encode_readdir(src.ino, src.kind, newname),
+        );
+        let p = dirty.get(parent);
+        p.size = p.size.saturating_sub(1);
+        if src_is_dir && parent != newparent {
+            dirty.get(parent).nlink -= 1;
+            dirty.get(newparent).nlink += 1;
+            dirty.get(src.ino).parent = newparent;
+        }
+        dirty.get(src.ino).ctime = now;
+        Self::touch(dirty.get(parent), now);
+        Self::touch(dirty.get(newparent), now);
+        self.put_all(&mut batch, &dirty);
+        self.apply(batch, "renaming")
+    }
+
+    fn open(&self, ino: Ino) -> FsResult<Attr> {
+        let attr = self.getattr(ino)?;
+        *lock(&self.open_handles).entry(ino).or_insert(0) += 1;
+        Ok(attr)
+    }
+
+    fn release(&self, ino: Ino) -> FsResult<()> {
+        let last = {
+            let mut h = lock(&self.open_handles);
+            match h.get_mut(&ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    h.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if !last {
+            return Ok(());
+        }
+        let _ns = lock(&self.namespace);
+        if self.is_open(ino) {
+            return Ok(());
+        }
+        let _l = self.stripe_locks(&[ino]);
+        let orphan = self
+            .store
+            .fs
+            .contains_key(store::orphan_key(self.vol, ino))
+            .map_err(|e| FsError::storage("checking for an orphan", e))?;
+        if orphan {
+            let mut batch = sled::Batch::default();
+            self.drop_inode(&mut batch, ino)?;
+            self.apply(batch, "reclaiming an unlinked inode")?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let rec = self.get_inode(ino)?;
+        if rec.kind == FileKind::Directory {
+            return Err(FsError::IsDir);
+        }
+        if offset >= rec.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = rec.size.min(offset.saturating_add(u64::from(size)));
+        let mut buf = vec![0u8; (end - offset) as usize];
+        let last = (end - 1) / CHUNK_SIZE;
+        for item in self.chunks_from(ino, offset / CHUNK_SIZE) {
+            let (k, v) = item.map_err(|e| FsError::storage("reading file data", e))?;
+            let Some(idx) = store::parse_chunk_key(&k) else {
+                continue;
+            };
+            if idx > last {
+                break;
+            }
+            let data = self.verify_chunk(ino, idx, &k, &v)?;
+            let cs = idx * CHUNK_SIZE;
+            let a = offset.max(cs);
+            let b = end.min(cs + data.len() as u64);
+            if a < b {
+                buf[(a - offset) as usize..(b - offset) as usize]
+                    .copy_from_slice(&data[(a - cs) as usize..(b - cs) as usize]);
+            }
+        }
+        Ok(buf)
+    }
+
+    fn write(&self, ino: Ino, offset: u64, data: &[u8], kill_suid: bool) -> FsResult<u32> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or(FsError::TooBig)?;
+        let _l = self.stripe_locks(&[ino]);
+        let mut rec = self.get_inode(ino)?;
+        if rec.kind != FileKind::Regular {
+            return Err(if rec.kind == FileKind::Directory {
+                FsError::IsDir
+            } else {
+                FsError::Invalid
+            });
+        }
+        let mut batch = sled::Batch::default();
+        let mut grown: i64 = 0;
+        let mut idx = offset / CHUNK_SIZE;
+        while idx * CHUNK_SIZE < end {
+            let cs = idx * CHUNK_SIZE;
+            let a = offset.max(cs);
+            let b = end.min(cs + CHUNK_SIZE);
+            let src = &data[(a - offset) as usize..(b - offset) as usize];
+            let key = store::chunk_key(self.vol, ino, idx);
+            let new = if a == cs && b == cs + CHUNK_SIZE {
+                let old_len = self
+                    .store
+                    .fs
+                    .get(&key)
+                    .map_err(|e| FsError::storage("reading file data", e))?
+                    .map_or(0, |v| v.len() as i64 - 4);
+                grown += CHUNK_SIZE as i64 - old_len;
+                src.to_vec()
+            } else {
+                let mut old = self.read_chunk(ino, idx)?.unwrap_or_default();
+                let old_len = old.len();
+                let need = (b - cs) as usize;
+                if old.len() < need {
+                    old.resize(need, 0);
+                }
+                old[(a - cs) as usize..need].copy_from_slice(src);
+                grown += old.len() as i64 - old_len as i64;
+                old
+            };
+            let v = store::encode_chunk(&key, &new);
+            batch.insert(key, v);
+            idx += 1;
+        }
+        rec.size = rec.size.max(end);
+        rec.stored = (rec.stored as i64 + grown).max(0) as u64;
+        let now = Timestamp::now();
+        Self::touch(&mut rec, now);
+        if kill_suid {
+            rec.perm &= !libc::S_ISUID;
+            if rec.perm & libc::S_IXGRP != 0 {
+                rec.perm &= !libc::S_ISGID;
+            }
+        }
+        batch.insert(store::inode_key(self.vol, ino), rec.encode());
+        self.apply(batch, "writing file data")?;
+        if grown >= 0 {
+            self.used_bytes.fetch_add(grown as u64, Ordering::Relaxed);
+        } else {
+            self.used_bytes
+                .fetch_sub(grown.unsigned_abs(), Ordering::Relaxed);
+        }
+        Ok(data.len() as u32)
+    }
+
+    fn readdir(&self, ino: Ino, cookie: u64, max: usize) -> FsResult<Vec<DirEntry>> {
+        let rec = self.get_inode(ino)?;
+        if rec.kind != FileKind::Directory {
+            return Err(FsError::NotDir);
+        }
+        let mut out = Vec::new();
+        if cookie < 1 {
+            out.push(DirEntry {
+                ino,
+                kind: FileKind::Directory,
+                name: b".".to_vec(),
+                cookie: 1,
+            });
+        }
+        if cookie < 2 {
+            out.push(DirEntry {
+                ino: rec.parent,
+                kind: FileKind::Directory,
+                name: b"..".to_vec(),
+                cookie: 2,
+            });
+        }
+        let start = store::readdir_key(self.vol, ino, cookie.max(2) + 1);
+        let end = store::readdir_key(self.vol, ino, u64::MAX);
+        for item in self.store.fs.range(start..=end) {
+            if out.len() >= max {
+                break;
+            }
+            let (k, v) = item.map_err(|e| FsError::storage("listing a directory", e))?;
+            let (Some(cookie), Some((child, kind, name))) =
+                (store::parse_readdir_key(&k), store::decode_readdir(&v))
+            else {
+                tracing::error!(volume = %self.name, dir = ino, "corrupt readdir index entry");
+                return Err(FsError::Io(format!("corrupt entry in directory {ino}")));
+            };
+            out.push(DirEntry {
+                ino: child,
+                kind,
+                name: name.to_vec(),
+                cookie,
+            });
+        }
+        Ok(out)
+    }
+
+    fn statfs(&self) -> FsResult<StatFs> {
+        const BSIZE: u64 = 4096;
+        let host = nix::sys::statvfs::statvfs(self.store_dir().as_path()).map_err(|e| {
+            tracing::error!("statvfs of the store directory: {e}");
+            FsError::Io(e.to_string())
+        })?;
+        let avail = host.blocks_available() * host.fragment_size();
+        let used = self.used_bytes.load(Ordering::Relaxed);
+        let inodes = self.inodes.load(Ordering::Relaxed);
+        let free_blocks = avail / BSIZE;
+        Ok(StatFs {
+            blocks: used.div_ceil(BSIZE) + free_blocks,
+            bfree: free_blocks,
+            bavail: free_blocks,
+            files: inodes + free_blocks,
+            ffree: free_blocks,
+            bsize: BSIZE as u32,
+            namelen: NAME_MAX as u32,
+        })
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: &Ctx,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> FsResult<()> {
+        check_xattr_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(FsError::TooBig);
+        }
+        let _l = self.stripe_locks(&[ino]);
+        let mut rec = self.get_inode(ino)?;
+        let key = store::xattr_key(self.vol, ino, name);
+        let exists = self
+            .store
+            .fs
+            .contains_key(&key)
+            .map_err(|e| FsError::storage("reading an xattr", e))?;
+        let mut batch = sled::Batch::default();
+        if name == acl::ACCESS {
+            let (perm, minimal) = acl::validate(value)?;
+            rec.perm = (rec.perm & !0o777) | perm;
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(FsError::Exists);
+            }
+            if minimal {
+                batch.remove(key);
+            } else {
+                batch.insert(key, value);
+            }
+        } else {
+            if name == acl::DEFAULT {
+                if rec.kind != FileKind::Directory {
+                    return Err(FsError::Access);
+                }
+                acl::validate(value)?;
+            }
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(FsError::Exists);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(FsError::NoData);
+            }
+            batch.insert(key, value);
+        }
+        rec.ctime = Timestamp::now();
+        batch.insert(store::inode_key(self.vol, ino), rec.encode());
+        self.apply(batch, "setting an xattr")
+    }
+
+    fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        check_xattr_name(name)?;
+        self.get_inode(ino)?;
+        self.get_xattr(ino, name)?
+            .map(|v| v.to_vec())
+            .ok_or(FsError::NoData)
+    }
+
+    fn listxattr(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        self.get_inode(ino)?;
+        let prefix = store::xattr_prefix(self.vol, ino);
+        let mut out = Vec::new();
+        for k in self.store.fs.scan_prefix(&prefix).keys() {
+            let k = k.map_err(|e| FsError::storage("listing xattrs", e))?;
+            out.extend_from_slice(&k[prefix.len()..]);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        check_xattr_name(name)?;
+        let _l = self.stripe_locks(&[ino]);
+        let mut rec = self.get_inode(ino)?;
+        let key = store::xattr_key(self.vol, ino, name);
+        if self.get_xattr(ino, name)?.is_none() {
+            return Err(FsError::NoData);
+        }
+        rec.ctime = Timestamp::now();
+        let mut batch = sled::Batch::default();
+        batch.remove(key);
+        batch.insert(store::inode_key(self.vol, ino), rec.encode());
+        self.apply(batch, "removing an xattr")
+    }
+
+    fn fallocate(&self, ino: Ino, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        let end = offset
+            .checked_add(length)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or(FsError::TooBig)?;
+        let keep_size = mode & falloc::KEEP_SIZE != 0;
+        let op = mode & !falloc::KEEP_SIZE;
+        let _l = self.stripe_locks(&[ino]);
+        let mut rec = self.get_inode(ino)?;
+        if rec.kind != FileKind::Regular {
+            return Err(FsError::Invalid);
+        }
+        let mut batch = sled::Batch::default();
+        match op {
+            0 => {}
+            falloc::PUNCH_HOLE if keep_size => {
+                self.punch_into(&mut batch, ino, &mut rec, offset, end)?;
+            }
+            falloc::ZERO_RANGE => {
+                self.punch_into(&mut batch, ino, &mut rec, offset, end)?;
+            }
+            falloc::PUNCH_HOLE => return Err(FsError::Invalid),
+            _ => return Err(FsError::Unsupported),
+        }
+        let now = Timestamp::now();
+        if !keep_size && end > rec.size {
+            rec.size = end;
+            rec.mtime = now;
+        }
+        if op != 0 {
+            rec.mtime = now;
+        }
+        rec.ctime = now;
+        batch.insert(store::inode_key(self.vol, ino), rec.encode());
+        self.apply(batch, "allocating file space")
+    }
+
+    fn lseek(&self, ino: Ino, offset: u64, whence: i32) -> FsResult<u64> {
+        let rec = self.get_inode(ino)?;
+        if offset >= rec.size {
+            return Err(FsError::NoSeekData);
+        }
+        let mut expect = offset / CHUNK_SIZE;
+        for item in self.chunks_from(ino, offset / CHUNK_SIZE) {
+            let k = item
+                .map_err(|e| FsError::storage("seeking in a file", e))?
+                .0;
+            let Some(idx) = store::parse_chunk_key(&k) else {
+                continue;
+            };
+            match whence {
+                libc::SEEK_DATA => return Ok(offset.max(idx * CHUNK_SIZE)),
+                libc::SEEK_HOLE if idx != expect => break,
+                _ => expect = idx + 1,
+            }
+        }
+        match whence {
+            libc::SEEK_DATA => Err(FsError::NoSeekData),
+            libc::SEEK_HOLE => Ok(offset.max(expect * CHUNK_SIZE).min(rec.size)),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    fn sync(&self) -> FsResult<()> {
+        self.store.sync()
+    }
+}
+
+impl SledFs {
+    fn store_dir(&self) -> std::path::PathBuf {
+        self.store.dir()
+    }
+}
+
+fn check_xattr_name(name: &[u8]) -> FsResult<()> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(FsError::Range);
+    }
+    const NAMESPACES: [&[u8]; 4] = [b"user.", b"trusted.", b"security.", b"system."];
+    if !NAMESPACES.iter().any(|ns| name.starts_with(ns)) {
+        return Err(FsError::Unsupported);
+    }
+    if name.starts_with(b"system.") && name != acl::ACCESS && name != acl::DEFAULT {
+        return Err(FsError::Unsupported);
+    }
+    Ok(())
+}
