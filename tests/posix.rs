@@ -66,7 +66,9 @@ pub fn read_at(f: &File, off: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     let mut done = 0;
     while done < len {
-        let n = f.read_at(&mut buf[done..], off + done as u64).expect("pread");
+        let n = f
+            .read_at(&mut buf[done..], off + done as u64)
+            .expect("pread");
         if n == 0 {
             break;
         }
@@ -78,11 +80,14 @@ pub fn read_at(f: &File, off: u64, len: usize) -> Vec<u8> {
 
 /// Position of the first byte where `a` and `b` differ, for readable assertion messages.
 pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter().zip(b).position(|(x, y)| x != y).or(if a.len() == b.len() {
-        None
-    } else {
-        Some(a.len().min(b.len()))
-    })
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or(if a.len() == b.len() {
+            None
+        } else {
+            Some(a.len().min(b.len()))
+        })
 }
 
 /// Assert two byte strings are equal, reporting length and first differing offset.
@@ -112,7 +117,13 @@ pub fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> nix::Result<(
     let (cp, cn) = (cpath(p), cname(name));
     // SAFETY: valid C strings and a value buffer of the given length.
     let r = unsafe {
-        libc::setxattr(cp.as_ptr(), cn.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        libc::setxattr(
+            cp.as_ptr(),
+            cn.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
     };
     Errno::result(r).map(drop)
 }
@@ -122,7 +133,13 @@ pub fn lsetxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> nix::Result<
     let (cp, cn) = (cpath(p), cname(name));
     // SAFETY: as above.
     let r = unsafe {
-        libc::lsetxattr(cp.as_ptr(), cn.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        libc::lsetxattr(
+            cp.as_ptr(),
+            cn.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
     };
     Errno::result(r).map(drop)
 }
@@ -137,7 +154,10 @@ pub fn getxattr(p: &Path, name: &str) -> nix::Result<Vec<u8>> {
     // SAFETY: buffer of n bytes.
     let m = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), n) };
     let m = Errno::result(m)? as usize;
-    assert_eq!(m, n, "getxattr {name}: size query said {n} bytes, get returned {m}");
+    assert_eq!(
+        m, n,
+        "getxattr {name}: size query said {n} bytes, get returned {m}"
+    );
     buf.truncate(m);
     Ok(buf)
 }
@@ -175,9 +195,15 @@ pub fn listxattr(p: &Path) -> nix::Result<Vec<String>> {
     // SAFETY: buffer of n bytes.
     let m = unsafe { libc::listxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     let m = Errno::result(m)? as usize;
-    assert_eq!(m, n as usize, "listxattr: size query said {n} bytes, list returned {m}");
+    assert_eq!(
+        m, n as usize,
+        "listxattr: size query said {n} bytes, list returned {m}"
+    );
     buf.truncate(m);
-    assert!(buf.is_empty() || buf.ends_with(&[0]), "listxattr list not NUL-terminated: {buf:?}");
+    assert!(
+        buf.is_empty() || buf.ends_with(&[0]),
+        "listxattr list not NUL-terminated: {buf:?}"
+    );
     let mut v: Vec<String> = buf
         .split(|b| *b == 0)
         .filter(|s| !s.is_empty())
@@ -208,7 +234,12 @@ pub fn getdents(f: &File, bufsize: usize) -> nix::Result<Vec<Dirent>> {
     let mut buf = vec![0u8; bufsize];
     // SAFETY: getdents64 writes at most bufsize bytes into buf.
     let n = unsafe {
-        libc::syscall(libc::SYS_getdents64, f.as_raw_fd(), buf.as_mut_ptr(), bufsize)
+        libc::syscall(
+            libc::SYS_getdents64,
+            f.as_raw_fd(),
+            buf.as_mut_ptr(),
+            bufsize,
+        )
     };
     let n = Errno::result(n)? as usize;
     let mut out = Vec::new();
@@ -219,8 +250,16 @@ pub fn getdents(f: &File, bufsize: usize) -> nix::Result<Vec<Dirent>> {
         let reclen = u16::from_ne_bytes(buf[i + 16..i + 18].try_into().unwrap()) as usize;
         let dtype = buf[i + 18];
         let name_area = &buf[i + 19..i + reclen];
-        let end = name_area.iter().position(|b| *b == 0).unwrap_or(name_area.len());
-        out.push(Dirent { ino, off, dtype, name: name_area[..end].to_vec() });
+        let end = name_area
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(name_area.len());
+        out.push(Dirent {
+            ino,
+            off,
+            dtype,
+            name: name_area[..end].to_vec(),
+        });
         i += reclen;
     }
     Ok(out)
@@ -312,8 +351,15 @@ fn write_then_read_returns_exact_bytes() {
     }
     // Reading at or past EOF returns 0 bytes; a read crossing EOF is short.
     assert!(read_at(&f, data.len() as u64, 10).is_empty(), "read at EOF");
-    assert!(read_at(&f, data.len() as u64 + 100, 10).is_empty(), "read past EOF");
-    assert_eq!(read_at(&f, data.len() as u64 - 3, 10).len(), 3, "short read at EOF");
+    assert!(
+        read_at(&f, data.len() as u64 + 100, 10).is_empty(),
+        "read past EOF"
+    );
+    assert_eq!(
+        read_at(&f, data.len() as u64 - 3, 10).len(),
+        3,
+        "short read at EOF"
+    );
 }
 
 #[test]
@@ -323,7 +369,12 @@ fn overwrite_in_the_middle_keeps_the_rest() {
     let mut want = pattern(20000, 2);
     write_file(&p, &want);
     let f = OpenOptions::new().write(true).open(&p).unwrap();
-    for (off, s) in [(4095usize, &b"XYZ"[..]), (0, b"head"), (8191, b"\0\0"), (19998, b"ENDS")] {
+    for (off, s) in [
+        (4095usize, &b"XYZ"[..]),
+        (0, b"head"),
+        (8191, b"\0\0"),
+        (19998, b"ENDS"),
+    ] {
         f.write_all_at(s, off as u64).unwrap();
         if off + s.len() > want.len() {
             want.resize(off + s.len(), 0);
@@ -359,7 +410,11 @@ fn truncate_down_then_up_reads_zeros_past_the_old_end() {
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
     f.set_len(100).unwrap();
     assert_eq!(fst(&f).st_size, 100);
-    assert_bytes_eq(&read_at(&f, 0, 1 << 20), &data[..100], "after truncate to 100");
+    assert_bytes_eq(
+        &read_at(&f, 0, 1 << 20),
+        &data[..100],
+        "after truncate to 100",
+    );
     f.set_len(3 * 4096 + 100).unwrap();
     let mut want = data[..100].to_vec();
     want.resize(3 * 4096 + 100, 0);
@@ -371,7 +426,11 @@ fn truncate_down_then_up_reads_zeros_past_the_old_end() {
     nix::unistd::truncate(&p, 5000).unwrap();
     let mut want = data[..50].to_vec();
     want.resize(5000, 0);
-    assert_bytes_eq(&fs::read(&p).unwrap(), &want, "after truncate(2) 50 -> 5000");
+    assert_bytes_eq(
+        &fs::read(&p).unwrap(),
+        &want,
+        "after truncate(2) 50 -> 5000",
+    );
     nix::unistd::truncate(&p, 0).unwrap();
     assert_eq!(fs::read(&p).unwrap(), b"");
 }
@@ -385,14 +444,22 @@ fn truncate_up_extends_with_zeros_and_keeps_data() {
     let got = fs::read(&p).unwrap();
     assert_eq!(got.len() as u64, 3 * MIB + 7);
     assert_eq!(&got[..5], b"hello");
-    assert!(got[5..].iter().all(|b| *b == 0), "bytes past the old end are not all zero");
+    assert!(
+        got[5..].iter().all(|b| *b == 0),
+        "bytes past the old end are not all zero"
+    );
 }
 
 #[test]
 fn sparse_file_holes_read_as_zeros() {
     let tv = TestVolume::new();
     let p = tv.path("sparse");
-    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
     let a = pattern(4096, 4);
     let b = pattern(777, 5);
     f.write_all_at(&a, MIB).unwrap();
@@ -404,14 +471,23 @@ fn sparse_file_holes_read_as_zeros() {
     want[3 * MIB as usize + 123..3 * MIB as usize + 900].copy_from_slice(&b);
     assert_bytes_eq(&got, &want, "sparse file contents");
     drop(f);
-    assert_bytes_eq(&fs::read(&p).unwrap(), &want, "sparse file re-read after close");
+    assert_bytes_eq(
+        &fs::read(&p).unwrap(),
+        &want,
+        "sparse file re-read after close",
+    );
 }
 
 #[test]
 fn file_past_4gib_reads_back_with_exact_size() {
     let tv = TestVolume::new();
     let p = tv.path("big");
-    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
     let data = pattern(64 * KIB as usize, 6);
     f.write_all_at(&data, 5 * GIB).unwrap();
     // A write straddling the 4 GiB boundary (32-bit offset overflow check).
@@ -421,12 +497,30 @@ fn file_past_4gib_reads_back_with_exact_size() {
     drop(f);
     assert_eq!(st(&p).st_size as u64, 5 * GIB + 64 * KIB, "size via stat");
     let f = File::open(&p).unwrap();
-    assert_bytes_eq(&read_at(&f, 5 * GIB, 64 * KIB as usize + 100), &data, "data at 5 GiB");
-    assert_eq!(read_at(&f, 4 * GIB - 8, 16), b"\0\0\0\0ABCDEFGH\0\0\0\0", "around 4 GiB");
-    assert!(read_at(&f, 2 * GIB, 4096).iter().all(|b| *b == 0), "hole at 2 GiB");
-    assert!(read_at(&f, 5 * GIB - 4096, 4096).iter().all(|b| *b == 0), "hole before 5 GiB");
+    assert_bytes_eq(
+        &read_at(&f, 5 * GIB, 64 * KIB as usize + 100),
+        &data,
+        "data at 5 GiB",
+    );
+    assert_eq!(
+        read_at(&f, 4 * GIB - 8, 16),
+        b"\0\0\0\0ABCDEFGH\0\0\0\0",
+        "around 4 GiB"
+    );
+    assert!(
+        read_at(&f, 2 * GIB, 4096).iter().all(|b| *b == 0),
+        "hole at 2 GiB"
+    );
+    assert!(
+        read_at(&f, 5 * GIB - 4096, 4096).iter().all(|b| *b == 0),
+        "hole before 5 GiB"
+    );
     let mut g = File::open(&p).unwrap();
-    assert_eq!(g.seek(SeekFrom::End(0)).unwrap(), 5 * GIB + 64 * KIB, "SEEK_END");
+    assert_eq!(
+        g.seek(SeekFrom::End(0)).unwrap(),
+        5 * GIB + 64 * KIB,
+        "SEEK_END"
+    );
 }
 
 #[test]
@@ -440,8 +534,15 @@ fn fallocate_default_mode_grows_size_and_reads_zeros() {
     assert_eq!(fst(&f).st_size as u64, MIB, "size after fallocate");
     let got = read_at(&f, 0, 2 * MIB as usize);
     assert_eq!(got.len() as u64, MIB);
-    assert_eq!(&got[..10], b"0123456789", "data inside the allocated range is kept");
-    assert!(got[10..].iter().all(|b| *b == 0), "allocated range past old EOF is not zero");
+    assert_eq!(
+        &got[..10],
+        b"0123456789",
+        "data inside the allocated range is kept"
+    );
+    assert!(
+        got[10..].iter().all(|b| *b == 0),
+        "allocated range past old EOF is not zero"
+    );
     // A range entirely inside the file changes nothing.
     nix::fcntl::fallocate(f.as_raw_fd(), FallocateFlags::empty(), 0, 5).unwrap();
     assert_eq!(fst(&f).st_size as u64, MIB);
@@ -455,10 +556,19 @@ fn fallocate_keep_size_leaves_size_unchanged() {
     let data = pattern(1000, 7);
     write_file(&p, &data);
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-    nix::fcntl::fallocate(f.as_raw_fd(), FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, MIB as i64)
-        .expect("fallocate(KEEP_SIZE)");
+    nix::fcntl::fallocate(
+        f.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        0,
+        MIB as i64,
+    )
+    .expect("fallocate(KEEP_SIZE)");
     assert_eq!(fst(&f).st_size, 1000, "size after fallocate KEEP_SIZE");
-    assert_bytes_eq(&read_at(&f, 0, 4096), &data, "data after fallocate KEEP_SIZE");
+    assert_bytes_eq(
+        &read_at(&f, 0, 4096),
+        &data,
+        "data after fallocate KEEP_SIZE",
+    );
     drop(f);
     assert_eq!(st(&p).st_size, 1000);
 }
@@ -481,7 +591,11 @@ fn fallocate_punch_hole_zeroes_the_range_and_keeps_the_rest() {
     let mut want = data.clone();
     want[off..off + len].fill(0);
     assert_eq!(fst(&f).st_size as usize, data.len(), "size after punch");
-    assert_bytes_eq(&read_at(&f, 0, data.len() + 10), &want, "after punch (same fd)");
+    assert_bytes_eq(
+        &read_at(&f, 0, data.len() + 10),
+        &want,
+        "after punch (same fd)",
+    );
     drop(f);
     assert_bytes_eq(&fs::read(&p).unwrap(), &want, "after punch (re-read)");
     // Punching past EOF never grows the file.
@@ -503,17 +617,30 @@ fn fallocate_punch_hole_zeroes_the_range_and_keeps_the_rest() {
 fn seek_data_and_seek_hole_on_a_sparse_file() {
     let tv = TestVolume::new();
     let p = tv.path("sparse");
-    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
     let size = 4 * MIB as i64;
     let (doff, dlen) = (MIB as i64, 64 * KIB as i64);
-    f.write_all_at(&pattern(dlen as usize, 9), doff as u64).unwrap();
+    f.write_all_at(&pattern(dlen as usize, 9), doff as u64)
+        .unwrap();
     f.set_len(size as u64).unwrap();
     f.sync_all().unwrap();
     let fd = f.as_raw_fd();
     let data0 = nix::unistd::lseek(fd, 0, Whence::SeekData).expect("SEEK_DATA 0");
-    assert!((0..=doff).contains(&data0), "SEEK_DATA(0) = {data0}, must be in [0, {doff}]");
+    assert!(
+        (0..=doff).contains(&data0),
+        "SEEK_DATA(0) = {data0}, must be in [0, {doff}]"
+    );
     let in_data = nix::unistd::lseek(fd, doff + 10, Whence::SeekData).expect("SEEK_DATA in data");
-    assert_eq!(in_data, doff + 10, "SEEK_DATA inside data returns the offset itself");
+    assert_eq!(
+        in_data,
+        doff + 10,
+        "SEEK_DATA inside data returns the offset itself"
+    );
     let hole = nix::unistd::lseek(fd, doff, Whence::SeekHole).expect("SEEK_HOLE");
     assert!(
         hole >= doff + dlen && hole <= size,
@@ -526,16 +653,27 @@ fn seek_data_and_seek_hole_on_a_sparse_file() {
         "SEEK_HOLE(0) = {hole0} points inside the data at [{doff}, {})",
         doff + dlen
     );
-    assert_eq!(errno(nix::unistd::lseek(fd, size, Whence::SeekData)), Errno::ENXIO, "SEEK_DATA at EOF");
+    assert_eq!(
+        errno(nix::unistd::lseek(fd, size, Whence::SeekData)),
+        Errno::ENXIO,
+        "SEEK_DATA at EOF"
+    );
     assert_eq!(
         errno(nix::unistd::lseek(fd, size + MIB as i64, Whence::SeekData)),
         Errno::ENXIO,
         "SEEK_DATA past EOF"
     );
-    assert_eq!(errno(nix::unistd::lseek(fd, size, Whence::SeekHole)), Errno::ENXIO, "SEEK_HOLE at EOF");
+    assert_eq!(
+        errno(nix::unistd::lseek(fd, size, Whence::SeekHole)),
+        Errno::ENXIO,
+        "SEEK_HOLE at EOF"
+    );
     // The implicit hole at EOF: SEEK_HOLE from the last byte is at most the size.
     let last = nix::unistd::lseek(fd, size - 1, Whence::SeekHole).expect("SEEK_HOLE last byte");
-    assert!(last == size - 1 || last == size, "SEEK_HOLE(size-1) = {last}");
+    assert!(
+        last == size - 1 || last == size,
+        "SEEK_HOLE(size-1) = {last}"
+    );
 }
 
 #[test]
@@ -572,8 +710,12 @@ fn o_append_concurrent_appenders_lose_nothing() {
         .map(|t| {
             let p = p.clone();
             std::thread::spawn(move || {
-                let mut f =
-                    OpenOptions::new().append(true).create(true).mode(0o644).open(&p).unwrap();
+                let mut f = OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o644)
+                    .open(&p)
+                    .unwrap();
                 for i in 0..N {
                     let mut rec = format!("T{t} {i:05} ").into_bytes();
                     rec.resize(REC - 1, b'a' + t);
@@ -591,7 +733,11 @@ fn o_append_concurrent_appenders_lose_nothing() {
     let mut next = [0usize; 2];
     for (k, rec) in got.chunks(REC).enumerate() {
         let t = (rec[1] - b'0') as usize;
-        assert!(rec[0] == b'T' && t < 2, "record {k} is torn: {:?}", String::from_utf8_lossy(rec));
+        assert!(
+            rec[0] == b'T' && t < 2,
+            "record {k} is torn: {:?}",
+            String::from_utf8_lossy(rec)
+        );
         let mut want = format!("T{t} {:05} ", next[t]).into_bytes();
         want.resize(REC - 1, b'a' + t as u8);
         want.push(b'\n');
@@ -606,19 +752,39 @@ fn o_excl_on_existing_name_is_eexist() {
     let tv = TestVolume::new();
     let p = tv.path("f");
     write_file(&p, b"keep");
-    assert_errno!(OpenOptions::new().write(true).create_new(true).open(&p), EEXIST);
-    assert_eq!(fs::read(&p).unwrap(), b"keep", "O_EXCL failure must not touch the file");
+    assert_errno!(
+        OpenOptions::new().write(true).create_new(true).open(&p),
+        EEXIST
+    );
+    assert_eq!(
+        fs::read(&p).unwrap(),
+        b"keep",
+        "O_EXCL failure must not touch the file"
+    );
     fs::create_dir(tv.path("d")).unwrap();
-    assert_errno!(OpenOptions::new().write(true).create_new(true).open(tv.path("d")), EEXIST);
+    assert_errno!(
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tv.path("d")),
+        EEXIST
+    );
     // O_EXCL does not follow symlinks, even dangling ones.
     std::os::unix::fs::symlink("nowhere", tv.path("dangling")).unwrap();
     assert_errno!(
-        OpenOptions::new().write(true).create_new(true).open(tv.path("dangling")),
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tv.path("dangling")),
         EEXIST
     );
     assert!(!tv.path("nowhere").exists());
     // And on a fresh name it creates the file.
-    OpenOptions::new().write(true).create_new(true).open(tv.path("new")).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tv.path("new"))
+        .unwrap();
     assert_eq!(st(&tv.path("new")).st_size, 0);
 }
 
@@ -629,7 +795,11 @@ fn o_trunc_empties_an_existing_file_and_updates_mtime() {
     write_file(&p, &pattern(100_000, 10));
     let before = st(&p);
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let mut f = OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
     assert_eq!(fst(&f).st_size, 0, "size right after O_TRUNC");
     f.write_all(b"new").unwrap();
     drop(f);
@@ -645,8 +815,22 @@ fn o_trunc_empties_an_existing_file_and_updates_mtime() {
 fn mmap_shared(f: &File, len: usize, write: bool) -> *mut u8 {
     let prot = libc::PROT_READ | if write { libc::PROT_WRITE } else { 0 };
     // SAFETY: fresh mapping of an open file descriptor; checked for MAP_FAILED.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, f.as_raw_fd(), 0) };
-    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
     p.cast()
 }
 
@@ -655,7 +839,12 @@ fn shared_writable_mmap_is_visible_to_read_after_msync() {
     let tv = TestVolume::new();
     let p = tv.path("m");
     let len = 3 * 4096 + 10;
-    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
     f.set_len(len as u64).unwrap();
     let data = pattern(len, 11);
     let m = mmap_shared(&f, len, true);
@@ -665,9 +854,17 @@ fn shared_writable_mmap_is_visible_to_read_after_msync() {
         assert_eq!(libc::msync(m.cast(), len, libc::MS_SYNC), 0, "msync");
         assert_eq!(libc::munmap(m.cast(), len), 0, "munmap");
     }
-    assert_bytes_eq(&read_at(&f, 0, len + 100), &data, "read() after mmap write (same fd)");
+    assert_bytes_eq(
+        &read_at(&f, 0, len + 100),
+        &data,
+        "read() after mmap write (same fd)",
+    );
     drop(f);
-    assert_bytes_eq(&fs::read(&p).unwrap(), &data, "read() after mmap write (new fd)");
+    assert_bytes_eq(
+        &fs::read(&p).unwrap(),
+        &data,
+        "read() after mmap write (new fd)",
+    );
     assert_eq!(st(&p).st_size as usize, len);
 }
 
@@ -696,12 +893,21 @@ fn mmap_reads_what_write_wrote() {
 fn open_unlinked_file_keeps_working_until_last_close() {
     let tv = TestVolume::new();
     let p = tv.path("gone");
-    let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
     f.write_all(b"before unlink;").unwrap();
     let ino = fst(&f).st_ino;
     fs::remove_file(&p).unwrap();
     assert_errno!(nix::sys::stat::lstat(&p), ENOENT);
-    assert!(names(tv.mnt()).is_empty(), "unlinked name still listed: {:?}", names(tv.mnt()));
+    assert!(
+        names(tv.mnt()).is_empty(),
+        "unlinked name still listed: {:?}",
+        names(tv.mnt())
+    );
     let s = fst(&f);
     assert_eq!(s.st_nlink, 0, "nlink of an open, unlinked file");
     assert_eq!(s.st_ino, ino);
@@ -717,8 +923,16 @@ fn open_unlinked_file_keeps_working_until_last_close() {
     assert_eq!(read_at(&f, 0, 100), b"befor");
     // A new file with the same name is a different, empty file.
     write_file(&p, b"other");
-    assert_ne!(st(&p).st_ino, ino, "new file reuses the open unlinked file's inode");
-    assert_eq!(read_at(&f, 0, 100), b"befor", "unlinked file changed by new same-name file");
+    assert_ne!(
+        st(&p).st_ino,
+        ino,
+        "new file reuses the open unlinked file's inode"
+    );
+    assert_eq!(
+        read_at(&f, 0, 100),
+        b"befor",
+        "unlinked file changed by new same-name file"
+    );
     drop(f);
     assert_eq!(fs::read(&p).unwrap(), b"other");
     assert_eq!(names(tv.mnt()), vec![OsString::from("gone")]);
@@ -730,8 +944,16 @@ fn statfs_is_sane_and_free_space_shrinks_after_writing_64mib() {
     let s = nix::sys::statvfs::statvfs(tv.mnt()).expect("statvfs");
     assert!(s.block_size() > 0, "f_bsize = 0");
     assert!(s.fragment_size() > 0, "f_frsize = 0");
-    assert!(s.blocks() >= s.blocks_free(), "f_blocks {} < f_bfree {}", s.blocks(), s.blocks_free());
-    assert!(s.blocks_free() >= s.blocks_available(), "f_bfree < f_bavail");
+    assert!(
+        s.blocks() >= s.blocks_free(),
+        "f_blocks {} < f_bfree {}",
+        s.blocks(),
+        s.blocks_free()
+    );
+    assert!(
+        s.blocks_free() >= s.blocks_available(),
+        "f_bfree < f_bavail"
+    );
     assert!(s.files() > 0, "f_files = 0");
     assert!(s.files() >= s.files_free(), "f_files < f_ffree");
     assert_eq!(s.name_max(), 255, "f_namemax");
@@ -788,6 +1010,10 @@ fn names_with_arbitrary_bytes_round_trip() {
     assert_eq!(names(tv.mnt()), want);
     for (i, n) in raw.iter().enumerate() {
         let p = tv.mnt().join(OsStr::from_bytes(n));
-        assert_eq!(fs::read(&p).unwrap(), format!("{i}").as_bytes(), "content of {n:?}");
+        assert_eq!(
+            fs::read(&p).unwrap(),
+            format!("{i}").as_bytes(),
+            "content of {n:?}"
+        );
     }
 }

@@ -6,7 +6,7 @@
 //!   `Daemon::start()`, `Daemon::start_at(root)`, `cli`, `cli_ok`, `create`, `mount`,
 //!   `umount`, `stop`, `kill9`, `restart`, `root`, `socket`, `pid`, `log`.
 //!   Dropping it SIGKILLs the daemon and lazily unmounts whatever it left; it never panics.
-//! * [`TestVolume`]: a daemon plus volume `"v"` mounted read-write at a fresh directory.
+//! * [`TestVolume`]: a daemon plus volume [`VOLUME`] (`"testvol"`; names need >= 2 chars) mounted read-write at a fresh directory.
 //!   `new`, `mnt`, `path`, `daemon`, `mount_again`, `restart`, `kill_and_restart`.
 //! * [`errno`], [`ToErrno`], [`assert_errno!`]: turn a failed `nix` / `std::io` result into its
 //!   `Errno` (panicking on success).
@@ -547,7 +547,7 @@ impl Drop for Daemon {
 // TestVolume
 // ---------------------------------------------------------------------------------------------
 
-/// A daemon with volume `"v"` mounted read-write at a fresh directory (plus any extra mounts
+/// A daemon with volume [`VOLUME`] mounted read-write at a fresh directory (plus any extra mounts
 /// made with [`TestVolume::mount_again`]).
 pub struct TestVolume {
     daemon: Option<Daemon>,
@@ -558,10 +558,10 @@ pub struct TestVolume {
 }
 
 /// The volume name used by [`TestVolume`].
-pub const VOLUME: &str = "v";
+pub const VOLUME: &str = "testvol";
 
 impl TestVolume {
-    /// New daemon, `volfs create v`, mount read-write at a fresh directory.
+    /// New daemon, `volfs create testvol`, mount read-write at a fresh directory.
     pub fn new() -> TestVolume {
         let daemon = Daemon::start();
         daemon.create(VOLUME);
