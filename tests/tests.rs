@@ -4,4 +4,6 @@
 
 #[macro_use]
 mod util;
+mod durability;
+mod integrity;
 mod posix;
