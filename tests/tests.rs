@@ -7,3 +7,4 @@ mod util;
 mod durability;
 mod integrity;
 mod posix;
+mod posix_namespace;
