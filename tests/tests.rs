@@ -8,3 +8,4 @@ mod durability;
 mod integrity;
 mod posix;
 mod posix_namespace;
+mod posix_attrs;
