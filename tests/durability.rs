@@ -73,9 +73,9 @@ impl Setup {
     }
 }
 
-/// Deterministic content of the file called `name`.
-fn content(seed: u64, name: &str) -> Vec<u8> {
-    let mut h: u64 = seed ^ 0x9e37_79b9_7f4a_7c15;
+/// Deterministic content of version `version` of the file called `name`.
+fn content(seed: u64, name: &str, version: u32) -> Vec<u8> {
+    let mut h: u64 = seed ^ 0x9e37_79b9_7f4a_7c15 ^ (u64::from(version) << 40);
     for b in name.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
@@ -89,30 +89,48 @@ fn content(seed: u64, name: &str) -> Vec<u8> {
     };
     let mut v = vec![0u8; len];
     rng.fill_bytes(&mut v);
-    // The name at the start so a misplaced file is easy to recognise in a hexdump.
-    let tag = name.as_bytes();
+    // Name and version at the start so a misplaced file is easy to recognise in a hexdump.
+    let tag = format!("{name} v{version} ");
     let n = tag.len().min(v.len());
-    v[..n].copy_from_slice(&tag[..n]);
+    v[..n].copy_from_slice(&tag.as_bytes()[..n]);
     v
 }
+
+/// A file the writer fsynced: (name relative to the mount, content version).
+type Rec = (String, u32);
 
 /// What the writer of one cycle did.
 struct WriterEnd {
     /// The error that stopped it (expected: ENOTCONN / EIO / ECONNABORTED after the kill).
     error: Option<String>,
     attempted: u64,
+    overwrites: u64,
 }
 
-/// Write files `c{cycle}/...` until an error or `stop`; push each name (relative to the
-/// mount) to `done` only after the file and its directory were fsynced on the FUSE mount.
+/// Write `data` with several write calls of uneven sizes.
+fn write_pieces(f: &mut File, data: &[u8], salt: usize) -> io::Result<()> {
+    let mut off = 0;
+    while off < data.len() {
+        let n = (data.len() - off).min(1 + (salt * 7919 + off) % 90_000);
+        f.write_all(&data[off..off + n])?;
+        off += n;
+    }
+    Ok(())
+}
+
+/// Write files `c{cycle}/...` until an error or `stop`; push each (name, version) to `done`
+/// only after the file and its directory were fsynced on the FUSE mount. Every fourth step
+/// instead overwrites a recorded file of this cycle in place with a new version (new length,
+/// shorter or longer): it leaves `done` while in flight and comes back after its fsync.
 fn writer(
     mnt: PathBuf,
     seed: u64,
     cycle: u64,
-    done: Arc<Mutex<Vec<String>>>,
+    done: Arc<Mutex<Vec<Rec>>>,
     stop: Arc<AtomicBool>,
 ) -> WriterEnd {
     let mut attempted = 0;
+    let mut overwrites = 0;
     let res = (|| -> Result<(), String> {
         let root = File::open(&mnt).map_err(|e| format!("open mount root: {e}"))?;
         if !on_fuse(&root).map_err(|e| format!("statfs root: {e}"))? {
@@ -121,9 +139,38 @@ fn writer(
         let cdir = mnt.join(format!("c{cycle}"));
         fs::create_dir(&cdir).map_err(|e| format!("mkdir c{cycle}: {e}"))?;
         root.sync_all().map_err(|e| format!("fsync root: {e}"))?;
+        let lock = || done.lock().unwrap_or_else(|e| e.into_inner());
         let mut sub = String::new();
         let mut i = 0u64;
+        let mut step = 0u64;
         while !stop.load(Ordering::SeqCst) {
+            step += 1;
+            attempted += 1;
+            if step % 4 == 0 && !lock().is_empty() {
+                // Overwrite a recorded file in place.
+                let (name, version) = {
+                    let mut d = lock();
+                    let j = (step as usize).wrapping_mul(2_654_435_761) % d.len();
+                    d.swap_remove(j)
+                };
+                let data = content(seed, &name, version + 1);
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .open(mnt.join(&name))
+                    .map_err(|e| format!("open {name} for overwrite: {e}"))?;
+                write_pieces(&mut f, &data, step as usize)
+                    .map_err(|e| format!("overwrite {name}: {e}"))?;
+                f.set_len(data.len() as u64)
+                    .map_err(|e| format!("ftruncate {name}: {e}"))?;
+                f.sync_all()
+                    .map_err(|e| format!("fsync overwritten {name}: {e}"))?;
+                if !on_fuse(&f).map_err(|e| format!("statfs {name}: {e}"))? {
+                    return Err(format!("{name} is not on the FUSE mount any more"));
+                }
+                lock().push((name, version + 1));
+                overwrites += 1;
+                continue;
+            }
             // A new subdirectory every 25 files, fsynced into its parent before use.
             if i % 25 == 0 {
                 sub = format!("c{cycle}/d{:03}", i / 25);
@@ -133,9 +180,8 @@ fn writer(
                     .sync_all()
                     .map_err(|e| format!("fsync dir c{cycle}: {e}"))?;
             }
-            attempted += 1;
             let name = format!("{sub}/f{i:05}");
-            let data = content(seed, &name);
+            let data = content(seed, &name, 0);
             let dir = File::open(mnt.join(&sub)).map_err(|e| format!("open {sub}: {e}"))?;
             // Every third file is written the atomic-replace way: tmp file, fsync, rename.
             let via_rename = i % 3 == 2;
@@ -149,14 +195,7 @@ fn writer(
                 .create_new(true)
                 .open(&wpath)
                 .map_err(|e| format!("create {}: {e}", wpath.display()))?;
-            // Several write calls of uneven sizes.
-            let mut off = 0;
-            while off < data.len() {
-                let n = (data.len() - off).min(1 + (i as usize * 7919 + off) % 90_000);
-                f.write_all(&data[off..off + n])
-                    .map_err(|e| format!("write {name}: {e}"))?;
-                off += n;
-            }
+            write_pieces(&mut f, &data, i as usize).map_err(|e| format!("write {name}: {e}"))?;
             f.sync_all().map_err(|e| format!("fsync {name}: {e}"))?;
             if via_rename {
                 fs::rename(&wpath, mnt.join(&name))
@@ -171,7 +210,7 @@ fn writer(
             {
                 return Err(format!("{name} is not on the FUSE mount any more"));
             }
-            done.lock().unwrap_or_else(|e| e.into_inner()).push(name);
+            lock().push((name, 0));
             i += 1;
         }
         Ok(())
@@ -179,26 +218,27 @@ fn writer(
     WriterEnd {
         error: res.err(),
         attempted,
+        overwrites,
     }
 }
 
 /// Every recorded file must exist with exactly its content.
 #[track_caller]
-fn verify_recorded(mnt: &Path, seed: u64, names: &[String], when: &str, daemon: &Daemon) {
+fn verify_recorded(mnt: &Path, seed: u64, names: &[Rec], when: &str, daemon: &Daemon) {
     let mut bad = Vec::new();
-    for name in names {
-        let want = content(seed, name);
+    for (name, version) in names {
+        let want = content(seed, name, *version);
         match fs::read(mnt.join(name)) {
             Ok(got) if got == want => {}
             Ok(got) => {
                 let first = got.iter().zip(&want).position(|(a, b)| a != b);
                 bad.push(format!(
-                    "{name}: {} bytes, want {}; first difference at {first:?}",
+                    "{name} (version {version}): {} bytes, want {}; first difference at {first:?}",
                     got.len(),
                     want.len()
                 ));
             }
-            Err(e) => bad.push(format!("{name}: {e}")),
+            Err(e) => bad.push(format!("{name} (version {version}): {e}")),
         }
     }
     if !bad.is_empty() {
@@ -239,7 +279,7 @@ fn kill9_loses_nothing_fsynced() {
     println!("durability: seed {seed} (replay with VOLFS_TEST_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut s = Setup::new();
-    let mut all: Vec<String> = Vec::new();
+    let mut all: Vec<Rec> = Vec::new();
     let t0 = Instant::now();
     for cycle in 0..CYCLES {
         let done = Arc::new(Mutex::new(Vec::new()));
@@ -273,9 +313,11 @@ fn kill9_loses_nothing_fsynced() {
         );
         println!(
             "durability: cycle {cycle}: killed after {delay:?}; {} files fsynced and recorded \
-             ({} attempted), writer stopped by: {}; all {} recorded files intact",
+             ({} steps, {} in-place overwrites), writer stopped by: {}; all {} recorded files \
+             intact",
             names.len(),
             end.attempted,
+            end.overwrites,
             end.error.as_deref().unwrap_or("-"),
             all.len()
         );
@@ -294,8 +336,9 @@ fn kill9_loses_nothing_fsynced() {
         f.sync_all().expect("fsync after crashes");
     }
     assert_eq!(fs::read(&p).expect("read after crashes"), data);
-    fs::remove_file(s.mnt.join(&all[0])).expect("unlink a recovered file");
-    fs::rename(s.mnt.join(&all[all.len() - 1]), s.mnt.join("renamed")).expect("rename");
+    let (first, last) = (all[0].clone(), all[all.len() - 1].clone());
+    fs::remove_file(s.mnt.join(&first.0)).expect("unlink a recovered file");
+    fs::rename(s.mnt.join(&last.0), s.mnt.join("renamed")).expect("rename");
     s.daemon.restart();
     s.daemon.mount(VOL, &s.mnt, false);
     assert_eq!(
@@ -303,10 +346,10 @@ fn kill9_loses_nothing_fsynced() {
         data,
         "after-crashes.txt after a clean restart"
     );
-    assert!(!s.mnt.join(&all[0]).exists(), "unlinked file came back");
+    assert!(!s.mnt.join(&first.0).exists(), "unlinked file came back");
     assert_eq!(
         fs::read(s.mnt.join("renamed")).expect("read renamed"),
-        content(seed, &all[all.len() - 1])
+        content(seed, &last.0, last.1)
     );
     verify_recorded(
         &s.mnt,
