@@ -11,7 +11,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc;
 
-use nix::errno::Errno;
 use nix::fcntl::RenameFlags;
 use nix::sys::stat::{Mode, SFlag};
 

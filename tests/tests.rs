@@ -9,3 +9,4 @@ mod integrity;
 mod posix;
 mod posix_namespace;
 mod posix_attrs;
+mod posix_persist;
