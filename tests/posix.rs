@@ -713,6 +713,7 @@ fn o_append_concurrent_appenders_lose_nothing() {
                 let mut f = OpenOptions::new()
                     .append(true)
                     .create(true)
+                    .truncate(false)
                     .mode(0o644)
                     .open(&p)
                     .unwrap();
@@ -986,7 +987,14 @@ fn reading_a_directory_fd_is_eisdir_and_opening_it_for_write_is_eisdir() {
     let mut buf = [0u8; 10];
     assert_errno!(f.read(&mut buf), EISDIR);
     // O_CREAT on an existing directory is also EISDIR.
-    assert_errno!(OpenOptions::new().write(true).create(true).open(&d), EISDIR);
+    assert_errno!(
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&d),
+        EISDIR
+    );
 }
 
 #[test]

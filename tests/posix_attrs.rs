@@ -48,6 +48,9 @@ fn now() -> (i64, i64) {
     (d.as_secs() as i64, d.subsec_nanos() as i64)
 }
 
+/// A named operation for the timestamp tests.
+type Op<'a> = (&'static str, Box<dyn Fn() + 'a>);
+
 fn tick() {
     std::thread::sleep(Duration::from_millis(15));
 }
@@ -88,6 +91,7 @@ fn create_mode_is_masked_by_umask_without_default_acl() {
         OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o666)
             .open(m.join("f"))
             .unwrap();
@@ -97,6 +101,7 @@ fn create_mode_is_masked_by_umask_without_default_acl() {
         OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o7777)
             .open(m.join("all"))
             .unwrap();
@@ -270,7 +275,7 @@ fn chown_by_root_sets_owner_and_group() {
         &tv.path("l"),
         Some(Uid::from_raw(77)),
         Some(Gid::from_raw(88)),
-        nix::unistd::FchownatFlags::NoFollowSymlink,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .unwrap();
     let (f, d, l) = (st(&tv.path("f")), st(&tv.path("d")), st(&tv.path("l")));
@@ -605,7 +610,7 @@ fn chmod_chown_link_and_xattr_change_ctime_but_not_mtime() {
     let p = tv.path("f");
     write_file(&p, b"x");
     let mut prev = times(&p);
-    let ops: Vec<(&str, Box<dyn Fn()>)> = vec![
+    let ops: Vec<Op> = vec![
         ("chmod", Box::new(|| chmod(&p, 0o600))),
         ("chown", Box::new(|| chown(&p, 5, 5))),
         (
@@ -644,7 +649,7 @@ fn creating_renaming_and_removing_entries_update_the_parent_mtime_and_ctime() {
     fs::create_dir(&d).unwrap();
     fs::create_dir(&e).unwrap();
     let mut prev = times(&d);
-    let ops: Vec<(&str, Box<dyn Fn()>)> = vec![
+    let ops: Vec<Op> = vec![
         ("create", Box::new(|| write_file(&d.join("f"), b"x"))),
         ("mkdir", Box::new(|| fs::create_dir(d.join("sub")).unwrap())),
         ("symlink", Box::new(|| symlink("f", d.join("l")).unwrap())),
@@ -863,6 +868,7 @@ fn default_acl_is_inherited_by_new_files_and_directories() {
         OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o666)
             .open(dd.join("f"))
             .unwrap();

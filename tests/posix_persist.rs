@@ -101,7 +101,7 @@ fn lchown(p: &Path, uid: u32, gid: u32) {
         p,
         Some(Uid::from_raw(uid)),
         Some(Gid::from_raw(gid)),
-        nix::unistd::FchownatFlags::NoFollowSymlink,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .unwrap();
 }
@@ -305,6 +305,7 @@ fn open_unlinked_is_reclaimed(kill: bool) {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .open(tv.path("d/ghost"))
         .unwrap();
     f.write_all(&pattern(8 * MIB, 43)).unwrap();
@@ -410,6 +411,7 @@ fn read_only_mount_refuses_every_change_with_erofs() {
         OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .open(r.join("new")),
         EROFS
     );
