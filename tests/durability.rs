@@ -9,7 +9,7 @@
 //! * [`kill9_leaves_consistent_tree`]: two threads churn a tree (mkdir, create, write, append,
 //!   truncate, rename, unlink, rmdir, symlink, hard link) without fsync; after each `kill -9`
 //!   and restart the whole tree must walk without error: every listed entry stats, every file
-//!   reads to exactly its size, every symlink reads.
+//!   reads to exactly its size, every symlink reads. Five cycles.
 //!
 //! `VOLFS_TEST_SEED` replays a run (the kill moments still vary with scheduling).
 
@@ -493,7 +493,7 @@ fn kill9_leaves_consistent_tree() {
     );
     let mut rng = StdRng::seed_from_u64(seed);
     let mut s = Setup::new();
-    for cycle in 0..3u64 {
+    for cycle in 0..5u64 {
         let stop = Arc::new(AtomicBool::new(false));
         let workers: Vec<JoinHandle<u64>> = (0..2u64)
             .map(|w| {
