@@ -2,9 +2,10 @@
 //!
 //! Layers, top to bottom: `api` (control protocol) and `volume` (registry of volumes and
 //! mounts) drive `fs` (the FUSE adapter, the only user of fuser), which calls the `vfs`
-//! seam, implemented over `store` (the key layout). Errors are `error::FsError`.
+//! seam, implemented over `store` (the key layout) and `chunks` (segment files). Errors are `error::FsError`.
 
 pub mod api;
+pub mod chunks;
 pub mod error;
 pub mod fs;
 pub mod store;

@@ -11,24 +11,33 @@
 //! | `fs`      | `vol:u64 'i' ino:u64`                        | [`InodeRecord`]                    |
 //! | `fs`      | `vol:u64 'd' parent:u64 name`                | [`DentryRecord`] (ino, kind, cookie) |
 //! | `fs`      | `vol:u64 'r' parent:u64 cookie:u64`          | readdir index: ino, kind, name     |
-//! | `fs`      | `vol:u64 'c' ino:u64 index:u64`              | chunk: crc32 ++ bytes (≤ [`CHUNK_SIZE`]) |
+//! | `fs`      | `vol:u64 'c' ino:u64 index:u64`              | [`ChunkPtr`]: segment, offset, length, crc32 |
 //! | `fs`      | `vol:u64 'x' ino:u64 name`                   | xattr value                        |
 //! | `fs`      | `vol:u64 'o' ino:u64`                        | empty: inode unlinked while open   |
+//!
+//! Chunk bytes live in append-only segment files (`crate::chunks`), each version written
+//! once; the `c` key points at the current version.
 //!
 //! Invariants: inode numbers come from `Db::generate_id` and are never reused; the root of
 //! every volume is inode 1; no chunk holds bytes at or past its file's size; a directory's
 //! readdir cookies only grow (`InodeRecord::next_cookie`), so a listing in cookie order
 //! neither skips nor repeats entries while the directory changes. The chunk checksum covers
 //! the chunk's key as well as its bytes, so a chunk stored under the wrong key is caught too.
-//! Records start with a format version byte.
+//! Records start with a format version byte. Changes to one inode's records hold its stripe
+//! lock ([`Store::stripe_locks`]), shared by every user of the store (volumes and the
+//! segment compactor).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::chunks::{ChunkPtr, ChunkStore};
 use crate::error::{FsError, FsResult};
 
 /// Bytes per data chunk: a small write costs the same in any file size.
-pub const CHUNK_SIZE: u64 = 64 * 1024;
+pub const CHUNK_SIZE: u64 = 16 * 1024;
+const STRIPES: usize = 256;
 /// The root directory of every volume.
 pub const ROOT_INO: u64 = 1;
 
@@ -47,6 +56,10 @@ pub struct Store {
     pub db: sled::Db,
     pub fs: sled::Tree,
     pub volumes: sled::Tree,
+    pub chunks: Arc<ChunkStore>,
+    stripes: Arc<Vec<Mutex<()>>>,
+    /// Set by every change, cleared by `sync`: lets the background flusher idle.
+    unsynced: Arc<std::sync::atomic::AtomicBool>,
     db_file: std::path::PathBuf,
 }
 
@@ -59,8 +72,9 @@ impl Store {
             .map_err(|e| format!("cannot create store directory {}: {e}", dir.display()))?;
         let db = sled::Config::new()
             .path(&dir)
-            .cache_capacity(64 * 1024 * 1024)
-            .flush_every_ms(Some(200))
+            .cache_capacity(32 * 1024 * 1024)
+            // Flushing is ours (`sync`), so segment data always becomes durable first.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| {
                 format!(
@@ -74,17 +88,141 @@ impl Store {
         let volumes = db
             .open_tree("volumes")
             .map_err(|e| format!("cannot open tree volumes: {e}"))?;
+        let data = root.join("data");
+        let chunks = ChunkStore::open(&data)
+            .map_err(|e| format!("cannot open the chunk segments in {}: {e}", data.display()))?;
+        for item in fs.iter() {
+            let (k, v) = item.map_err(|e| format!("scanning the store: {e}"))?;
+            if k.len() == 25 && k[8] == TAG_CHUNK {
+                if let Some(p) = ChunkPtr::decode(&v) {
+                    chunks.account(&p);
+                }
+            }
+        }
         Ok(Store {
             db,
             fs,
             volumes,
+            chunks: Arc::new(chunks),
+            stripes: Arc::new((0..STRIPES).map(|_| Mutex::new(())).collect()),
+            unsynced: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             db_file: dir.join("db"),
         })
+    }
+
+    /// Records that something changed since the last `sync`.
+    pub fn note_change(&self) {
+        self.unsynced
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Starts the thread that bounds how much unsynced work a crash can lose (every
+    /// 200 ms, segments then sled) and compacts segments now and then.
+    pub fn spawn_maintenance(&self) -> std::io::Result<()> {
+        let store = self.clone();
+        std::thread::Builder::new()
+            .name("maintenance".into())
+            .spawn(move || {
+                let mut tick = 0u64;
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    tick += 1;
+                    if store.unsynced.load(std::sync::atomic::Ordering::SeqCst) {
+                        let _ = store.sync();
+                    }
+                    if tick % 50 == 0 {
+                        match store.collect_garbage() {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!("compacted segments, freed {n} bytes"),
+                            Err(e) => tracing::warn!("segment compaction stopped: {e}"),
+                        }
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+
+    /// Locks the records of inodes `inos` of volume `vol`, in a global order.
+    pub fn stripe_locks(&self, vol: u64, inos: &[u64]) -> Vec<MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = inos
+            .iter()
+            .map(|i| (vol.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i) as usize % STRIPES)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter()
+            .map(|i| self.stripes[i].lock().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+
+    /// Moves the live chunks out of mostly-dead segments and deletes those segments.
+    /// Returns the bytes of segment files freed.
+    pub fn collect_garbage(&self) -> FsResult<u64> {
+        let mut freed = 0;
+        for seg in self.chunks.gc_candidates() {
+            let records = self.chunks.records(seg).map_err(|e| {
+                tracing::error!("reading segment {seg:x} for compaction: {e}");
+                FsError::Io(e.to_string())
+            })?;
+            for (key, ptr) in records {
+                if key.len() != 25 || key[8] != TAG_CHUNK {
+                    continue;
+                }
+                let vol = be_u64(&key[..8]);
+                let ino = be_u64(&key[9..17]);
+                let _l = self.stripe_locks(vol, &[ino]);
+                let current = self
+                    .fs
+                    .get(&key)
+                    .map_err(|e| FsError::storage("compacting segments", e))?;
+                if current.as_deref().and_then(ChunkPtr::decode) != Some(ptr) {
+                    continue;
+                }
+                let data = match self.chunks.read(&key, &ptr) {
+                    Ok(Some(d)) => d,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::error!(vol, ino, "unreadable chunk while compacting: {e:?}");
+                        return Err(FsError::Io(format!("segment {seg:x} unreadable")));
+                    }
+                };
+                let pending = self.chunks.append(&[(&key, &data)]).map_err(|e| {
+                    tracing::error!("appending while compacting: {e}");
+                    FsError::Io(e.to_string())
+                })?;
+                let new = pending.ptrs()[0];
+                self.note_change();
+                match self.fs.insert(&key, new.encode()) {
+                    Ok(_) => self.chunks.release(&ptr),
+                    Err(e) => {
+                        pending.abandon();
+                        return Err(FsError::storage("compacting segments", e));
+                    }
+                }
+            }
+            self.sync()?;
+            let size = self.chunks.disk_bytes();
+            if let Err(e) = self.chunks.remove_segment(seg) {
+                tracing::error!("deleting compacted segment {seg:x}: {e}");
+            }
+            freed += size.saturating_sub(self.chunks.disk_bytes());
+        }
+        Ok(freed)
     }
 
     /// Makes every write applied so far durable. sled's own flush uses `sync_file_range`,
     /// which does not flush the device cache or file metadata, so the file is fsynced too.
     pub fn sync(&self) -> FsResult<()> {
+        self.unsynced
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.chunks.sync().map_err(|e| {
+            tracing::error!("fsync of chunk segments: {e}");
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                FsError::NoSpace
+            } else {
+                FsError::Io(e.to_string())
+            }
+        })?;
         self.db
             .flush()
             .map_err(|e| FsError::storage("flushing the store", e))?;
@@ -460,29 +598,6 @@ pub fn decode_readdir(b: &[u8]) -> Option<(u64, FileKind, &[u8])> {
     Some((be_u64(b), FileKind::from_u8(b[8])?, &b[9..]))
 }
 
-fn chunk_crc(key: &[u8], data: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(key);
-    h.update(data);
-    h.finalize()
-}
-
-pub fn encode_chunk(key: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(4 + data.len());
-    v.extend_from_slice(&chunk_crc(key, data).to_be_bytes());
-    v.extend_from_slice(data);
-    v
-}
-
-/// The chunk's bytes, or `None` when the checksum does not match.
-pub fn decode_chunk<'a>(key: &[u8], value: &'a [u8]) -> Option<&'a [u8]> {
-    if value.len() < 4 || value.len() > 4 + CHUNK_SIZE as usize {
-        return None;
-    }
-    let data = &value[4..];
-    (be_u32(value) == chunk_crc(key, data)).then_some(data)
-}
-
 /// A volume's record in the `volumes` tree.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VolumeRecord {
@@ -511,19 +626,9 @@ mod tests {
             let _ = InodeRecord::decode(&junk);
             let _ = DentryRecord::decode(&junk);
             let _ = decode_readdir(&junk);
-            let _ = decode_chunk(b"k", &junk);
+            let _ = ChunkPtr::decode(&junk);
         }
         assert_eq!(InodeRecord::decode(&[9; 200]), None);
-    }
-
-    #[test]
-    fn chunk_checksum_catches_flipped_byte_and_wrong_key() {
-        let key = chunk_key(1, 2, 3);
-        let mut v = encode_chunk(&key, b"hello");
-        assert_eq!(decode_chunk(&key, &v), Some(&b"hello"[..]));
-        assert_eq!(decode_chunk(&chunk_key(1, 2, 4), &v), None);
-        v[6] ^= 1;
-        assert_eq!(decode_chunk(&key, &v), None);
     }
 
     #[test]

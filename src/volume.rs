@@ -50,8 +50,12 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 
 impl Registry {
     pub fn open(root: &Path) -> Result<Registry, String> {
+        let store = Store::open(root)?;
+        store
+            .spawn_maintenance()
+            .map_err(|e| format!("starting the maintenance thread: {e}"))?;
         Ok(Registry {
-            store: Store::open(root)?,
+            store,
             open: Mutex::new(HashMap::new()),
             mounts: Mutex::new(BTreeMap::new()),
         })

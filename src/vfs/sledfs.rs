@@ -2,9 +2,10 @@
 //!
 //! Concurrency: namespace changes (create, link, unlink, rename…) hold the volume's
 //! `namespace` lock, because sled transactions cannot scan ("is this directory empty?").
-//! Changes to an inode's record hold its stripe lock, taken after `namespace` and in
-//! ascending stripe order. Reads take no lock. Every change is one `apply_batch`, so it is
-//! atomic and survives a crash whole or not at all.
+//! Changes to an inode's records hold its stripe lock (`Store::stripe_locks`), taken after
+//! `namespace`. Reads take no lock. Every change is one [`Change`]: chunk bytes appended to
+//! segments first, then one `apply_batch` that points at them, so a change is atomic and
+//! survives a crash whole or not at all.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,12 +16,11 @@ use super::{
     Attr, Ctx, DirEntry, FileSystem, Ino, NAME_MAX, RenameFlags, SetAttr, SetTime, StatFs,
     XATTR_SIZE_MAX, falloc,
 };
+use crate::chunks::{ChunkPtr, PendingAppend, ReadError};
 use crate::error::{FsError, FsResult};
 use crate::store::{
     self, CHUNK_SIZE, DentryRecord, FileKind, InodeRecord, ROOT_INO, Store, Timestamp,
 };
-
-const STRIPES: usize = 64;
 
 /// One volume's filesystem.
 pub struct SledFs {
@@ -28,7 +28,6 @@ pub struct SledFs {
     vol: u64,
     name: String,
     namespace: Mutex<()>,
-    stripes: Vec<Mutex<()>>,
     open_handles: Mutex<HashMap<Ino, u32>>,
     /// Bytes stored in chunks and live inodes, kept in memory for `statfs`.
     used_bytes: AtomicU64,
@@ -69,6 +68,25 @@ fn attr_of(ino: Ino, r: &InodeRecord) -> Attr {
     }
 }
 
+/// One atomic change: a sled batch, the segment appends it points at, and the chunk
+/// versions it makes unreachable (released only once the batch is applied).
+#[derive(Default)]
+struct Change<'a> {
+    batch: sled::Batch,
+    appends: Vec<PendingAppend<'a>>,
+    released: Vec<ChunkPtr>,
+}
+
+impl Change<'_> {
+    fn insert(&mut self, k: impl Into<sled::IVec>, v: impl Into<sled::IVec>) {
+        self.batch.insert(k, v);
+    }
+
+    fn remove(&mut self, k: impl Into<sled::IVec>) {
+        self.batch.remove(k);
+    }
+}
+
 /// What to create in `create_node`.
 struct NewNode<'a> {
     kind: FileKind,
@@ -97,7 +115,6 @@ impl SledFs {
             vol,
             name: name.to_string(),
             namespace: Mutex::new(()),
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             open_handles: Mutex::new(HashMap::new()),
             used_bytes: AtomicU64::new(0),
             inodes: AtomicU64::new(0),
@@ -112,9 +129,9 @@ impl SledFs {
             .collect();
         for ino in orphans {
             tracing::info!(volume = name, ino, "reclaiming inode unlinked while open");
-            let mut batch = sled::Batch::default();
+            let mut batch = Change::default();
             fs.drop_inode(&mut batch, ino)?;
-            fs.apply(batch, "reclaiming an orphan inode")?;
+            fs.commit(batch, "reclaiming an orphan inode")?;
         }
         let (mut bytes, mut count) = (0u64, 0u64);
         for item in fs
@@ -145,17 +162,58 @@ impl SledFs {
     }
 
     fn stripe_locks(&self, inos: &[Ino]) -> Vec<MutexGuard<'_, ()>> {
-        let mut idx: Vec<usize> = inos.iter().map(|i| (*i as usize) % STRIPES).collect();
-        idx.sort_unstable();
-        idx.dedup();
-        idx.into_iter().map(|i| lock(&self.stripes[i])).collect()
+        self.store.stripe_locks(self.vol, inos)
     }
 
     fn apply(&self, batch: sled::Batch, what: &str) -> FsResult<()> {
+        self.store.note_change();
         self.store
             .fs
             .apply_batch(batch)
             .map_err(|e| FsError::storage(&format!("{what} in volume {}", self.name), e))
+    }
+
+    fn commit(&self, change: Change<'_>, what: &str) -> FsResult<()> {
+        match self.apply(change.batch, what) {
+            Ok(()) => {
+                for p in &change.released {
+                    self.store.chunks.release(p);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for a in change.appends {
+                    a.abandon();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn chunk_error(&self, ino: Ino, index: u64, err: ReadError) -> FsError {
+        let offset = index * CHUNK_SIZE;
+        match err {
+            ReadError::Corrupt => {
+                tracing::error!(
+                    volume = %self.name,
+                    ino,
+                    offset,
+                    "chunk checksum mismatch: refusing to return corrupt data (run scrub)"
+                );
+                FsError::Io(format!("corrupt chunk of inode {ino} at offset {offset}"))
+            }
+            ReadError::Io(e) => {
+                tracing::error!(volume = %self.name, ino, offset, "reading chunk: {e}");
+                FsError::Io(e.to_string())
+            }
+        }
+    }
+
+    fn decode_ptr(&self, ino: Ino, index: u64, v: &[u8]) -> FsResult<ChunkPtr> {
+        ChunkPtr::decode(v).ok_or_else(|| {
+            tracing::error!(volume = %self.name, ino, offset = index * CHUNK_SIZE, "corrupt chunk pointer");
+            FsError::Io(format!("corrupt chunk pointer of inode {ino}"))
+        })
     }
 
     fn get_inode(&self, ino: Ino) -> FsResult<InodeRecord> {
@@ -216,7 +274,7 @@ impl SledFs {
         Ok(Dirty(m))
     }
 
-    fn put_all(&self, batch: &mut sled::Batch, dirty: &Dirty) {
+    fn put_all(&self, batch: &mut Change<'_>, dirty: &Dirty) {
         for (ino, r) in &dirty.0 {
             if r.nlink > 0 || self.is_open(*ino) {
                 batch.insert(store::inode_key(self.vol, *ino), r.encode());
@@ -228,35 +286,32 @@ impl SledFs {
         lock(&self.open_handles).get(&ino).copied().unwrap_or(0) > 0
     }
 
-    /// Removes an inode with its data and xattrs into `batch`.
-    fn drop_inode(&self, batch: &mut sled::Batch, ino: Ino) -> FsResult<()> {
+    /// Removes an inode with its data and xattrs into `change`.
+    fn drop_inode(&self, change: &mut Change<'_>, ino: Ino) -> FsResult<()> {
         let t = &self.store.fs;
-        for prefix in [
-            store::chunk_prefix(self.vol, ino),
-            store::xattr_prefix(self.vol, ino),
-        ] {
-            for k in t.scan_prefix(prefix).keys() {
-                batch.remove(k.map_err(|e| FsError::storage("listing an inode's data", e))?);
+        for item in t.scan_prefix(store::chunk_prefix(self.vol, ino)) {
+            let (k, v) = item.map_err(|e| FsError::storage("listing an inode's data", e))?;
+            if let Some(p) = ChunkPtr::decode(&v) {
+                change.released.push(p);
             }
+            change.remove(k);
+        }
+        for k in t.scan_prefix(store::xattr_prefix(self.vol, ino)).keys() {
+            change.remove(k.map_err(|e| FsError::storage("listing an inode's xattrs", e))?);
         }
         if let Ok(r) = self.get_inode(ino) {
             self.used_bytes
                 .fetch_sub(r.stored + r.target.len() as u64, Ordering::Relaxed);
             self.inodes.fetch_sub(1, Ordering::Relaxed);
         }
-        batch.remove(store::inode_key(self.vol, ino));
-        batch.remove(store::orphan_key(self.vol, ino));
+        change.remove(store::inode_key(self.vol, ino));
+        change.remove(store::orphan_key(self.vol, ino));
         Ok(())
     }
 
     /// Drops one name's reference to `ino` (already decremented in `dirty`): the inode goes
     /// when no name and no open handle is left.
-    fn release_if_unlinked(
-        &self,
-        batch: &mut sled::Batch,
-        dirty: &Dirty,
-        ino: Ino,
-    ) -> FsResult<()> {
+    fn release_if_unlinked(&self, batch: &mut Change<'_>, dirty: &Dirty, ino: Ino) -> FsResult<()> {
         let Some(r) = dirty.0.get(&ino) else {
             return Ok(());
         };
@@ -308,7 +363,7 @@ impl SledFs {
                 perm |= libc::S_ISGID;
             }
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = Change::default();
         let default_acl = if matches!(kind, FileKind::Symlink) {
             None
         } else {
@@ -354,46 +409,73 @@ impl SledFs {
             store::encode_readdir(ino, kind, name),
         );
         self.put_all(&mut batch, &dirty);
-        self.apply(batch, "creating a file")?;
+        self.commit(batch, "creating a file")?;
         self.inodes.fetch_add(1, Ordering::Relaxed);
         self.used_bytes
             .fetch_add(target.len() as u64, Ordering::Relaxed);
         Ok(attr_of(ino, &rec))
     }
 
-    fn read_chunk(&self, ino: Ino, index: u64) -> FsResult<Option<Vec<u8>>> {
+    /// The current version of one chunk and where it lives.
+    fn read_chunk(&self, ino: Ino, index: u64) -> FsResult<Option<(Vec<u8>, ChunkPtr)>> {
         let key = store::chunk_key(self.vol, ino, index);
-        let Some(v) = self
-            .store
-            .fs
-            .get(&key)
-            .map_err(|e| FsError::storage("reading file data", e))?
-        else {
-            return Ok(None);
-        };
-        self.verify_chunk(ino, index, &key, &v)
-            .map(|d| Some(d.to_vec()))
+        // A pointer read just before the compactor moved the chunk finds its segment gone:
+        // read the pointer again.
+        for _ in 0..8 {
+            let Some(v) = self
+                .store
+                .fs
+                .get(&key)
+                .map_err(|e| FsError::storage("reading file data", e))?
+            else {
+                return Ok(None);
+            };
+            let ptr = self.decode_ptr(ino, index, &v)?;
+            match self.store.chunks.read(&key, &ptr) {
+                Ok(Some(d)) => return Ok(Some((d, ptr))),
+                Ok(None) => continue,
+                Err(e) => return Err(self.chunk_error(ino, index, e)),
+            }
+        }
+        Err(FsError::Io(format!("chunk of inode {ino} kept moving")))
     }
 
-    fn verify_chunk<'a>(
-        &self,
-        ino: Ino,
-        index: u64,
-        key: &[u8],
-        v: &'a [u8],
-    ) -> FsResult<&'a [u8]> {
-        store::decode_chunk(key, v).ok_or_else(|| {
-            tracing::error!(
-                volume = %self.name,
-                ino,
-                offset = index * CHUNK_SIZE,
-                "chunk checksum mismatch: refusing to return corrupt data"
-            );
-            FsError::Io(format!(
-                "corrupt chunk of inode {ino} at offset {}",
-                index * CHUNK_SIZE
-            ))
-        })
+    /// The bytes of a chunk found by a range scan.
+    fn chunk_bytes(&self, ino: Ino, index: u64, key: &[u8], v: &[u8]) -> FsResult<Vec<u8>> {
+        let ptr = self.decode_ptr(ino, index, v)?;
+        match self.store.chunks.read(key, &ptr) {
+            Ok(Some(d)) => Ok(d),
+            Ok(None) => Ok(self
+                .read_chunk(ino, index)?
+                .map(|c| c.0)
+                .unwrap_or_default()),
+            Err(e) => Err(self.chunk_error(ino, index, e)),
+        }
+    }
+
+    fn append_chunks<'a>(
+        &'a self,
+        change: &mut Change<'a>,
+        chunks: &[(Vec<u8>, Vec<u8>)],
+    ) -> FsResult<()> {
+        let pairs: Vec<(&[u8], &[u8])> = chunks
+            .iter()
+            .map(|(k, d)| (k.as_slice(), d.as_slice()))
+            .collect();
+        let pending = self.store.chunks.append(&pairs).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                tracing::warn!(volume = %self.name, "host disk full while writing data");
+                FsError::NoSpace
+            } else {
+                tracing::error!(volume = %self.name, "appending file data: {e}");
+                FsError::Io(e.to_string())
+            }
+        })?;
+        for ((k, _), p) in chunks.iter().zip(pending.ptrs()) {
+            change.insert(k.clone(), p.encode());
+        }
+        change.appends.push(pending);
+        Ok(())
     }
 
     fn chunks_from(&self, ino: Ino, first: u64) -> sled::Iter {
@@ -402,10 +484,10 @@ impl SledFs {
         self.store.fs.range(start..=end)
     }
 
-    /// Cuts the file to `new_size` into `batch`: later chunks go, the last one is trimmed.
-    fn truncate_into(
-        &self,
-        batch: &mut sled::Batch,
+    /// Cuts the file to `new_size`: later chunks go, the last one is trimmed.
+    fn truncate_into<'a>(
+        &'a self,
+        change: &mut Change<'a>,
         ino: Ino,
         rec: &mut InodeRecord,
         new_size: u64,
@@ -415,22 +497,25 @@ impl SledFs {
             let first_gone = new_size.div_ceil(CHUNK_SIZE);
             for item in self.chunks_from(ino, first_gone) {
                 let (k, v) = item.map_err(|e| FsError::storage("truncating a file", e))?;
-                rec.stored = rec.stored.saturating_sub(v.len() as u64 - 4);
+                let idx = store::parse_chunk_key(&k).unwrap_or(0);
+                let p = self.decode_ptr(ino, idx, &v)?;
+                rec.stored = rec.stored.saturating_sub(u64::from(p.len));
                 self.used_bytes
-                    .fetch_sub(v.len() as u64 - 4, Ordering::Relaxed);
-                batch.remove(k);
+                    .fetch_sub(u64::from(p.len), Ordering::Relaxed);
+                change.released.push(p);
+                change.remove(k);
             }
             if keep_partial != 0 {
                 let idx = new_size / CHUNK_SIZE;
-                if let Some(mut data) = self.read_chunk(ino, idx)? {
+                if let Some((mut data, old)) = self.read_chunk(ino, idx)? {
                     if data.len() as u64 > keep_partial {
                         let cut = data.len() as u64 - keep_partial;
                         data.truncate(keep_partial as usize);
-                        rec.stored -= cut;
+                        rec.stored = rec.stored.saturating_sub(cut);
                         self.used_bytes.fetch_sub(cut, Ordering::Relaxed);
                         let key = store::chunk_key(self.vol, ino, idx);
-                        let v = store::encode_chunk(&key, &data);
-                        batch.insert(key, v);
+                        self.append_chunks(change, &[(key, data)])?;
+                        change.released.push(old);
                     }
                 }
             }
@@ -439,10 +524,10 @@ impl SledFs {
         Ok(())
     }
 
-    /// Zeroes `[start, end)` into `batch`: whole chunks are removed, partial ones zeroed.
-    fn punch_into(
-        &self,
-        batch: &mut sled::Batch,
+    /// Zeroes `[start, end)`: whole chunks are removed, partial ones rewritten with zeros.
+    fn punch_into<'a>(
+        &'a self,
+        change: &mut Change<'a>,
         ino: Ino,
         rec: &mut InodeRecord,
         start: u64,
@@ -453,6 +538,7 @@ impl SledFs {
             return Ok(());
         }
         let last = (end - 1) / CHUNK_SIZE;
+        let mut rewrites = Vec::new();
         for item in self.chunks_from(ino, start / CHUNK_SIZE) {
             let (k, v) = item.map_err(|e| FsError::storage("punching a hole", e))?;
             let Some(idx) = store::parse_chunk_key(&k) else {
@@ -461,22 +547,26 @@ impl SledFs {
             if idx > last {
                 break;
             }
-            let data = self.verify_chunk(ino, idx, &k, &v)?;
+            let old = self.decode_ptr(ino, idx, &v)?;
             let cs = idx * CHUNK_SIZE;
-            let ce = cs + data.len() as u64;
+            let ce = cs + u64::from(old.len);
             if start <= cs && end >= ce {
-                rec.stored -= data.len() as u64;
+                rec.stored = rec.stored.saturating_sub(u64::from(old.len));
                 self.used_bytes
-                    .fetch_sub(data.len() as u64, Ordering::Relaxed);
-                batch.remove(k);
+                    .fetch_sub(u64::from(old.len), Ordering::Relaxed);
+                change.released.push(old);
+                change.remove(k);
             } else if start < ce {
-                let mut d = data.to_vec();
+                let mut d = self.chunk_bytes(ino, idx, &k, &v)?;
                 let a = (start.max(cs) - cs) as usize;
                 let b = (end.min(ce) - cs) as usize;
                 d[a..b].fill(0);
-                let v = store::encode_chunk(&k, &d);
-                batch.insert(k, v);
+                change.released.push(old);
+                rewrites.push((k.to_vec(), d));
             }
+        }
+        if !rewrites.is_empty() {
+            self.append_chunks(change, &rewrites)?;
         }
         Ok(())
     }
@@ -513,7 +603,7 @@ impl FileSystem for SledFs {
         let _l = self.stripe_locks(&[ino]);
         let mut rec = self.get_inode(ino)?;
         let now = Timestamp::now();
-        let mut batch = sled::Batch::default();
+        let mut batch = Change::default();
         if let Some(mode) = set.mode {
             rec.perm = mode & 0o7777;
             if let Some(a) = self.get_xattr(ino, acl::ACCESS)? {
@@ -558,7 +648,7 @@ impl FileSystem for SledFs {
         }
         rec.ctime = set.ctime.unwrap_or(now);
         batch.insert(store::inode_key(self.vol, ino), rec.encode());
-        self.apply(batch, "changing attributes")?;
+        self.commit(batch, "changing attributes")?;
         Ok(attr_of(ino, &rec))
     }
 
@@ -668,7 +758,7 @@ impl FileSystem for SledFs {
         r.nlink += 1;
         r.ctime = now;
         let kind = r.kind;
-        let mut batch = sled::Batch::default();
+        let mut batch = Change::default();
         batch.insert(
             store::dentry_key(self.vol, newparent, newname),
             DentryRecord { ino, kind, cookie }.encode(),
@@ -678,7 +768,7 @@ impl FileSystem for SledFs {
             store::encode_readdir(ino, kind, newname),
         );
         self.put_all(&mut batch, &dirty);
-        self.apply(batch, "linking")?;
+        self.commit(batch, "linking")?;
         Ok(attr_of(ino, dirty.get(ino)))
     }
 
@@ -698,12 +788,12 @@ impl FileSystem for SledFs {
         let r = dirty.get(d.ino);
         r.nlink = r.nlink.saturating_sub(1);
         r.ctime = now;
-        let mut batch = sled::Batch::default();
+        let mut batch = Change::default();
         batch.remove(store::dentry_key(self.vol, parent, name));
         batch.remove(store::readdir_key(self.vol, parent, d.cookie));
         self.release_if_unlinked(&mut batch, &dirty, d.ino)?;
         self.put_all(&mut batch, &dirty);
-        self.apply(batch, "unlinking")
+        self.commit(batch, "unlinking")
     }
 
     fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
@@ -732,12 +822,12 @@ impl FileSystem for SledFs {
         let r = dirty.get(d.ino);
         r.nlink = 0;
         r.ctime = now;
-        let mut batch = sled::Batch::default();
+        let mut batch = Change::default();
         batch.remove(store::dentry_key(self.vol, parent, name));
         batch.remove(store::readdir_key(self.vol, parent, d.cookie));
         self.release_if_unlinked(&mut batch, &dirty, d.ino)?;
         self.put_all(&mut batch, &dirty);
-        self.apply(batch, "removing a directory")
+        self.commit(batch, "removing a directory")
     }
 
     fn rename(
@@ -765,7 +855,7 @@ impl FileSystem for SledFs {
         }
         let src_is_dir = src.kind == FileKind::Directory;
         let now = Timestamp::now();
-        let mut batch = sled::Batch::default();
+        let mut batch = Change::default();
 
         if flags.exchange {
             let dst = dst.ok_or(FsError::NotFound)?;
@@ -816,7 +906,7 @@ impl FileSystem for SledFs {
             Self::touch(dirty.get(parent), now);
             Self::touch(dirty.get(newparent), now);
             self.put_all(&mut batch, &dirty);
-            return self.apply(batch, "exchanging names");
+            return self.commit(batch, "exchanging names");
         }
 
         if let Some(d) = dst {
@@ -879,7 +969,7 @@ impl FileSystem for SledFs {
         Self::touch(dirty.get(parent), now);
         Self::touch(dirty.get(newparent), now);
         self.put_all(&mut batch, &dirty);
-        self.apply(batch, "renaming")
+        self.commit(batch, "renaming")
     }
 
     fn open(&self, ino: Ino) -> FsResult<Attr> {
@@ -917,9 +1007,9 @@ impl FileSystem for SledFs {
             .contains_key(store::orphan_key(self.vol, ino))
             .map_err(|e| FsError::storage("checking for an orphan", e))?;
         if orphan {
-            let mut batch = sled::Batch::default();
+            let mut batch = Change::default();
             self.drop_inode(&mut batch, ino)?;
-            self.apply(batch, "reclaiming an unlinked inode")?;
+            self.commit(batch, "reclaiming an unlinked inode")?;
         }
         Ok(())
     }
@@ -943,7 +1033,7 @@ impl FileSystem for SledFs {
             if idx > last {
                 break;
             }
-            let data = self.verify_chunk(ino, idx, &k, &v)?;
+            let data = self.chunk_bytes(ino, idx, &k, &v)?;
             let cs = idx * CHUNK_SIZE;
             let a = offset.max(cs);
             let b = end.min(cs + data.len() as u64);
@@ -972,8 +1062,9 @@ impl FileSystem for SledFs {
                 FsError::Invalid
             });
         }
-        let mut batch = sled::Batch::default();
+        let mut change = Change::default();
         let mut grown: i64 = 0;
+        let mut new_chunks = Vec::new();
         let mut idx = offset / CHUNK_SIZE;
         while idx * CHUNK_SIZE < end {
             let cs = idx * CHUNK_SIZE;
@@ -982,29 +1073,39 @@ impl FileSystem for SledFs {
             let src = &data[(a - offset) as usize..(b - offset) as usize];
             let key = store::chunk_key(self.vol, ino, idx);
             let new = if a == cs && b == cs + CHUNK_SIZE {
-                let old_len = self
+                let old = self
                     .store
                     .fs
                     .get(&key)
-                    .map_err(|e| FsError::storage("reading file data", e))?
-                    .map_or(0, |v| v.len() as i64 - 4);
-                grown += CHUNK_SIZE as i64 - old_len;
+                    .map_err(|e| FsError::storage("reading file data", e))?;
+                if let Some(v) = old {
+                    let p = self.decode_ptr(ino, idx, &v)?;
+                    grown -= i64::from(p.len);
+                    change.released.push(p);
+                }
+                grown += CHUNK_SIZE as i64;
                 src.to_vec()
             } else {
-                let mut old = self.read_chunk(ino, idx)?.unwrap_or_default();
-                let old_len = old.len();
+                let (mut buf, old_len) = match self.read_chunk(ino, idx)? {
+                    Some((d, p)) => {
+                        change.released.push(p);
+                        let l = d.len();
+                        (d, l)
+                    }
+                    None => (Vec::new(), 0),
+                };
                 let need = (b - cs) as usize;
-                if old.len() < need {
-                    old.resize(need, 0);
+                if buf.len() < need {
+                    buf.resize(need, 0);
                 }
-                old[(a - cs) as usize..need].copy_from_slice(src);
-                grown += old.len() as i64 - old_len as i64;
-                old
+                buf[(a - cs) as usize..need].copy_from_slice(src);
+                grown += buf.len() as i64 - old_len as i64;
+                buf
             };
-            let v = store::encode_chunk(&key, &new);
-            batch.insert(key, v);
+            new_chunks.push((key, new));
             idx += 1;
         }
+        self.append_chunks(&mut change, &new_chunks)?;
         rec.size = rec.size.max(end);
         rec.stored = (rec.stored as i64 + grown).max(0) as u64;
         let now = Timestamp::now();
@@ -1015,8 +1116,8 @@ impl FileSystem for SledFs {
                 rec.perm &= !libc::S_ISGID;
             }
         }
-        batch.insert(store::inode_key(self.vol, ino), rec.encode());
-        self.apply(batch, "writing file data")?;
+        change.insert(store::inode_key(self.vol, ino), rec.encode());
+        self.commit(change, "writing file data")?;
         if grown >= 0 {
             self.used_bytes.fetch_add(grown as u64, Ordering::Relaxed);
         } else {
@@ -1112,7 +1213,7 @@ impl FileSystem for SledFs {
             .fs
             .contains_key(&key)
             .map_err(|e| FsError::storage("reading an xattr", e))?;
-        let mut batch = sled::Batch::default();
+        let mut batch = Change::default();
         if name == acl::ACCESS {
             let (perm, minimal) = acl::validate(value)?;
             rec.perm = (rec.perm & !0o777) | perm;
@@ -1141,7 +1242,7 @@ impl FileSystem for SledFs {
         }
         rec.ctime = Timestamp::now();
         batch.insert(store::inode_key(self.vol, ino), rec.encode());
-        self.apply(batch, "setting an xattr")
+        self.commit(batch, "setting an xattr")
     }
 
     fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
@@ -1173,10 +1274,10 @@ impl FileSystem for SledFs {
             return Err(FsError::NoData);
         }
         rec.ctime = Timestamp::now();
-        let mut batch = sled::Batch::default();
+        let mut batch = Change::default();
         batch.remove(key);
         batch.insert(store::inode_key(self.vol, ino), rec.encode());
-        self.apply(batch, "removing an xattr")
+        self.commit(batch, "removing an xattr")
     }
 
     fn fallocate(&self, ino: Ino, offset: u64, length: u64, mode: i32) -> FsResult<()> {
@@ -1191,7 +1292,7 @@ impl FileSystem for SledFs {
         if rec.kind != FileKind::Regular {
             return Err(FsError::Invalid);
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = Change::default();
         match op {
             0 => {}
             falloc::PUNCH_HOLE if keep_size => {
@@ -1213,7 +1314,7 @@ impl FileSystem for SledFs {
         }
         rec.ctime = now;
         batch.insert(store::inode_key(self.vol, ino), rec.encode());
-        self.apply(batch, "allocating file space")
+        self.commit(batch, "allocating file space")
     }
 
     fn lseek(&self, ino: Ino, offset: u64, whence: i32) -> FsResult<u64> {
