@@ -1025,3 +1025,195 @@ fn names_with_arbitrary_bytes_round_trip() {
         );
     }
 }
+
+#[test]
+fn st_blocks_and_st_blksize_account_for_written_data() {
+    let tv = TestVolume::new();
+    let p = tv.path("dense");
+    let mut f = File::create(&p).unwrap();
+    f.write_all(&pattern(MIB as usize, 15)).unwrap();
+    f.sync_all().unwrap();
+    let s = fst(&f);
+    assert!(s.st_blksize > 0, "st_blksize = {}", s.st_blksize);
+    assert!(
+        s.st_blocks as u64 * 512 >= MIB,
+        "st_blocks = {} (x512 < 1 MiB) for 1 MiB of written data",
+        s.st_blocks
+    );
+}
+
+#[test]
+fn one_tib_sparse_file_is_cheap_to_create_read_and_truncate() {
+    let tv = TestVolume::new();
+    let p = tv.path("huge");
+    let t0 = std::time::Instant::now();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(1 << 40).unwrap();
+    f.write_all_at(b"last", (1 << 40) - 4).unwrap();
+    f.write_all_at(b"first", 0).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(fst(&f).st_size as u64, 1 << 40);
+    assert_eq!(read_at(&f, (1 << 40) - 8, 100), b"\0\0\0\0last");
+    assert!(
+        read_at(&f, 1 << 39, 64 * KIB as usize)
+            .iter()
+            .all(|b| *b == 0)
+    );
+    f.set_len(3).unwrap();
+    assert_eq!(read_at(&f, 0, 100), b"fir");
+    f.set_len(1 << 40).unwrap();
+    assert!(
+        read_at(&f, (1 << 40) - 8, 100).iter().all(|b| *b == 0),
+        "old tail came back"
+    );
+    drop(f);
+    fs::remove_file(&p).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        secs < 20.0,
+        "a 1 TiB sparse file took {secs:.1}s to create, truncate and remove"
+    );
+}
+
+#[test]
+fn copy_file_range_copies_exact_bytes() {
+    let tv = TestVolume::new();
+    let data = pattern(3 * MIB as usize + 5, 16);
+    write_file(&tv.path("src"), &data);
+    let src = File::open(tv.path("src")).unwrap();
+    let dst = File::create(tv.path("dst")).unwrap();
+    let mut off_in: i64 = 100;
+    let mut off_out: i64 = 7;
+    let mut left = data.len() - 100;
+    while left > 0 {
+        // SAFETY: valid descriptors and offset pointers.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        assert!(
+            n > 0,
+            "copy_file_range: {}",
+            std::io::Error::last_os_error()
+        );
+        left -= n as usize;
+    }
+    drop(dst);
+    let mut want = vec![0u8; 7];
+    want.extend_from_slice(&data[100..]);
+    assert_bytes_eq(
+        &fs::read(tv.path("dst")).unwrap(),
+        &want,
+        "copy_file_range result",
+    );
+}
+
+#[test]
+fn fcntl_record_locks_conflict_between_processes() {
+    let tv = TestVolume::new();
+    let p = tv.path("lockfile");
+    write_file(&p, &[0u8; 100]);
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let lock = |ty: i32, start: i64, len: i64| libc::flock {
+        l_type: ty as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(
+        f.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETLK(&lock(libc::F_WRLCK, 10, 20)),
+    )
+    .expect("F_SETLK write lock on [10, 30)");
+    let me = std::process::id() as i32;
+    let pc = p.clone();
+    let (conflict, holder, free_ok) = run_as(0, 0, move || {
+        let g = OpenOptions::new().read(true).write(true).open(&pc).unwrap();
+        let fd = g.as_raw_fd();
+        let e = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETLK(&lock(libc::F_RDLCK, 15, 1)),
+        )
+        .err()
+        .map(|e| e as i32);
+        let mut q = lock(libc::F_WRLCK, 0, 0);
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETLK(&mut q)).unwrap();
+        let free = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETLK(&lock(libc::F_WRLCK, 30, 10)),
+        );
+        (e, q.l_pid, free.is_ok())
+    });
+    assert!(
+        conflict == Some(libc::EAGAIN) || conflict == Some(libc::EACCES),
+        "conflicting F_SETLK from another process: {conflict:?}"
+    );
+    assert_eq!(holder, me, "F_GETLK names the holder");
+    assert!(free_ok, "a lock on a free range [30, 40) was refused");
+}
+
+#[test]
+fn flock_conflicts_between_open_file_descriptions() {
+    let tv = TestVolume::new();
+    let p = tv.path("flockfile");
+    write_file(&p, b"x");
+    let a = File::open(&p).unwrap();
+    let b = File::open(&p).unwrap();
+    // SAFETY: flock on open descriptors.
+    let fl = |f: &File, op: i32| Errno::result(unsafe { libc::flock(f.as_raw_fd(), op) });
+    fl(&a, libc::LOCK_EX | libc::LOCK_NB).expect("first LOCK_EX");
+    assert_errno!(fl(&b, libc::LOCK_EX | libc::LOCK_NB), EWOULDBLOCK);
+    assert_errno!(fl(&b, libc::LOCK_SH | libc::LOCK_NB), EWOULDBLOCK);
+    fl(&a, libc::LOCK_UN).unwrap();
+    fl(&b, libc::LOCK_SH | libc::LOCK_NB).expect("LOCK_SH after unlock");
+    fl(&a, libc::LOCK_SH | libc::LOCK_NB).expect("second LOCK_SH");
+    assert_errno!(fl(&a, libc::LOCK_EX | libc::LOCK_NB), EWOULDBLOCK);
+}
+
+#[test]
+fn executable_on_the_volume_can_be_run() {
+    let tv = TestVolume::new();
+    let p = tv.path("true");
+    fs::copy("/bin/true", &p).unwrap();
+    nix::sys::stat::fchmodat(
+        None,
+        &p,
+        nix::sys::stat::Mode::from_bits_truncate(0o755),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .unwrap();
+    // Another test thread may be forking while our write descriptor was open (ETXTBSY).
+    let mut tries = 0;
+    let status = loop {
+        match std::process::Command::new(&p).status() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.expect("exec from the volume"),
+        }
+    };
+    assert!(status.success(), "{status}");
+    let sh = tv.path("script.sh");
+    write_file(&sh, b"#!/bin/sh\nexit 7\n");
+    nix::sys::stat::fchmodat(
+        None,
+        &sh,
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .unwrap();
+    assert_errno!(std::process::Command::new(&sh).status(), EACCES);
+}

@@ -919,3 +919,25 @@ fn setfacl_b_removes_the_acl_and_keeps_base_permissions() {
     assert_eq!(getfacl(&tv.path("d"), true), "");
     assert_errno!(getxattr(&tv.path("d"), "system.posix_acl_default"), ENODATA);
 }
+
+#[test]
+fn xattr_value_of_64_kib_works_and_larger_is_e2big() {
+    let tv = TestVolume::new();
+    let p = tv.path("f");
+    write_file(&p, b"x");
+    let max = pattern(65_536, 31);
+    setxattr(&p, "user.max", &max, 0).expect("setxattr of XATTR_SIZE_MAX bytes");
+    assert_bytes_eq(
+        &getxattr(&p, "user.max").unwrap(),
+        &max,
+        "64 KiB xattr value",
+    );
+    assert_errno!(setxattr(&p, "user.toobig", &pattern(65_537, 32), 0), E2BIG);
+    let name255 = format!("user.{}", "n".repeat(250));
+    setxattr(&p, &name255, b"v", 0).expect("xattr name of 255 bytes");
+    assert_eq!(getxattr(&p, &name255).unwrap(), b"v");
+    assert_errno!(
+        setxattr(&p, &format!("user.{}", "n".repeat(251)), b"v", 0),
+        ERANGE
+    );
+}

@@ -765,3 +765,69 @@ fn name_of_255_bytes_works_and_256_bytes_is_enametoolong() {
     );
     assert_eq!(fs::read(tv.path("src")).unwrap(), b"s");
 }
+
+#[test]
+fn seeking_a_directory_to_a_returned_offset_resumes_after_that_entry() {
+    let tv = TestVolume::new();
+    let d = tv.path("d");
+    fs::create_dir(&d).unwrap();
+    for i in 0..300 {
+        File::create(d.join(format!("entry-{i:03}"))).unwrap();
+    }
+    let f = File::open(&d).unwrap();
+    let mut all = Vec::new();
+    loop {
+        let b = getdents(&f, 400).unwrap();
+        if b.is_empty() {
+            break;
+        }
+        all.extend(b);
+    }
+    assert_eq!(all.len(), 302);
+    for k in [0usize, 1, 2, 57, 150, 299] {
+        nix::unistd::lseek(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            all[k].off,
+            nix::unistd::Whence::SeekSet,
+        )
+        .unwrap();
+        let next = getdents(&f, 400).unwrap();
+        assert_eq!(
+            next.first().map(|e| &e.name),
+            Some(&all[k + 1].name),
+            "after seeking to d_off of entry {k}"
+        );
+    }
+    // Rewinding sees entries created since.
+    File::create(d.join("late")).unwrap();
+    nix::unistd::lseek(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        0,
+        nix::unistd::Whence::SeekSet,
+    )
+    .unwrap();
+    let mut again = Vec::new();
+    loop {
+        let b = getdents(&f, 4096).unwrap();
+        if b.is_empty() {
+            break;
+        }
+        again.extend(b);
+    }
+    assert_eq!(again.len(), 303);
+    assert!(again.iter().any(|e| e.name == b"late"));
+}
+
+#[test]
+fn open_file_keeps_working_after_its_directory_is_renamed() {
+    let tv = TestVolume::new();
+    fs::create_dir_all(tv.path("a/b")).unwrap();
+    let mut f = File::create(tv.path("a/b/f")).unwrap();
+    f.write_all(b"one ").unwrap();
+    fs::create_dir(tv.path("z")).unwrap();
+    fs::rename(tv.path("a"), tv.path("z/renamed")).unwrap();
+    f.write_all(b"two").unwrap();
+    drop(f);
+    assert_eq!(fs::read(tv.path("z/renamed/b/f")).unwrap(), b"one two");
+    assert!(!tv.path("a").exists());
+}
