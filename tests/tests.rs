@@ -10,3 +10,4 @@ mod posix;
 mod posix_namespace;
 mod posix_attrs;
 mod posix_persist;
+mod posix_concurrency;
