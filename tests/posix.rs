@@ -1217,3 +1217,165 @@ fn executable_on_the_volume_can_be_run() {
     .unwrap();
     assert_errno!(std::process::Command::new(&sh).status(), EACCES);
 }
+
+#[test]
+fn shrinking_then_growing_across_chunk_boundaries_never_shows_stale_bytes() {
+    let tv = TestVolume::new();
+    let p = tv.path("f");
+    let len = 300 * KIB as usize;
+    for cut in [
+        1usize, 4095, 65_535, 65_536, 65_537, 70_000, 131_072, 200_001,
+    ] {
+        let data = pattern(len, cut as u64);
+        write_file(&p, &data);
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        f.set_len(cut as u64).unwrap();
+        // Grow again with a write past EOF (not truncate): the gap must read as zeros.
+        f.write_all_at(b"TAIL", len as u64 - 4).unwrap();
+        let mut want = data[..cut].to_vec();
+        want.resize(len - 4, 0);
+        want.extend_from_slice(b"TAIL");
+        assert_bytes_eq(
+            &read_at(&f, 0, len + 10),
+            &want,
+            &format!("cut at {cut}, same fd"),
+        );
+        drop(f);
+        assert_bytes_eq(
+            &fs::read(&p).unwrap(),
+            &want,
+            &format!("cut at {cut}, re-read"),
+        );
+        // Punch a hole that starts and ends inside chunks, then write into its middle.
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let (ho, hl) = (cut.min(len - 140_000) + 10, 130_000usize);
+        nix::fcntl::fallocate(
+            f.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            ho as i64,
+            hl as i64,
+        )
+        .unwrap();
+        want[ho..ho + hl].fill(0);
+        f.write_all_at(b"mid", (ho + hl / 2) as u64).unwrap();
+        want[ho + hl / 2..ho + hl / 2 + 3].copy_from_slice(b"mid");
+        drop(f);
+        assert_bytes_eq(
+            &fs::read(&p).unwrap(),
+            &want,
+            &format!("punch after cut at {cut}"),
+        );
+        fs::remove_file(&p).unwrap();
+    }
+}
+
+#[test]
+fn new_files_never_inherit_data_or_xattrs_of_deleted_ones() {
+    let tv = TestVolume::new();
+    for i in 0..40 {
+        let p = tv.path(format!("old{i}"));
+        write_file(&p, &pattern(200 * KIB as usize, 100 + i));
+        setxattr(&p, "user.old", b"stale", 0).unwrap();
+        fs::remove_file(&p).unwrap();
+    }
+    fs::create_dir(tv.path("olddir")).unwrap();
+    setxattr(&tv.path("olddir"), "user.old", b"stale", 0).unwrap();
+    fs::remove_dir(tv.path("olddir")).unwrap();
+    for i in 0..40 {
+        let p = tv.path(format!("new{i}"));
+        let f = File::create(&p).unwrap();
+        f.set_len(200 * KIB).unwrap();
+        drop(f);
+        let got = fs::read(&p).unwrap();
+        assert!(
+            got.iter().all(|b| *b == 0),
+            "new{i} shows old bytes after truncate-extend"
+        );
+        assert!(
+            listxattr(&p).unwrap().is_empty(),
+            "new{i} has xattrs {:?}",
+            listxattr(&p)
+        );
+        assert_eq!(st(&p).st_nlink, 1);
+    }
+    fs::create_dir(tv.path("newdir")).unwrap();
+    assert!(listxattr(&tv.path("newdir")).unwrap().is_empty());
+    assert!(names(&tv.path("newdir")).is_empty());
+}
+
+/// A zeroed buffer aligned for O_DIRECT.
+struct Aligned(*mut u8, std::alloc::Layout);
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: non-zero size layout.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!p.is_null());
+        Aligned(p, layout)
+    }
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation is layout.size() bytes and exclusively ours.
+        unsafe { std::slice::from_raw_parts_mut(self.0, self.1.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { std::alloc::dealloc(self.0, self.1) }
+    }
+}
+
+#[test]
+fn o_direct_reads_and_writes_exact_bytes() {
+    let tv = TestVolume::new();
+    let p = tv.path("direct");
+    let len = 256 * KIB as usize;
+    let data = pattern(len, 17);
+    let mut b = Aligned::new(len);
+    b.buf().copy_from_slice(&data);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .expect("open O_DIRECT");
+    f.write_all_at(b.buf(), 0).expect("O_DIRECT write");
+    f.write_all_at(&b.buf()[..4096], len as u64 + 8192)
+        .expect("O_DIRECT write past EOF");
+    drop(f);
+    let mut want = data.clone();
+    want.resize(len + 8192, 0);
+    want.extend_from_slice(&data[..4096]);
+    assert_bytes_eq(
+        &fs::read(&p).unwrap(),
+        &want,
+        "buffered read of O_DIRECT writes",
+    );
+    // O_DIRECT read of what a buffered write wrote.
+    let w = OpenOptions::new().write(true).open(&p).unwrap();
+    w.write_all_at(b"buffered", 4096).unwrap();
+    w.sync_all().unwrap();
+    drop(w);
+    want[4096..4104].copy_from_slice(b"buffered");
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .unwrap();
+    let mut r = Aligned::new(want.len() + 4096);
+    let mut done = 0;
+    loop {
+        let n = f
+            .read_at(&mut r.buf()[done..], done as u64)
+            .expect("O_DIRECT read");
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    assert_bytes_eq(&r.buf()[..done], &want, "O_DIRECT read");
+}

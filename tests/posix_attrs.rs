@@ -941,3 +941,26 @@ fn xattr_value_of_64_kib_works_and_larger_is_e2big() {
         ERANGE
     );
 }
+
+#[test]
+fn creator_may_write_a_new_file_whose_mode_forbids_writing() {
+    let tv = TestVolume::new();
+    mkdir_world_writable(&tv.path("pub"));
+    let p = tv.path("pub/ro");
+    let pc = p.clone();
+    run_as(U1, U1, || {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(&pc)
+            .expect("O_CREAT|O_RDWR with mode 0444 by the creator");
+        f.write_all(b"written anyway").unwrap();
+        drop(f);
+        // But a second open for writing is refused.
+        assert_errno!(OpenOptions::new().write(true).open(&pc), EACCES);
+    });
+    assert_eq!(fs::read(&p).unwrap(), b"written anyway");
+    assert_eq!(perm(&p) & 0o222, 0);
+}
