@@ -1379,3 +1379,61 @@ fn o_direct_reads_and_writes_exact_bytes() {
     }
     assert_bytes_eq(&r.buf()[..done], &want, "O_DIRECT read");
 }
+
+#[test]
+fn mmap_write_updates_mtime_and_ctime() {
+    let tv = TestVolume::new();
+    let p = tv.path("m");
+    write_file(&p, &[0u8; 8192]);
+    let old = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+    nix::sys::stat::utimensat(
+        None,
+        &p,
+        &old,
+        &old,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .unwrap();
+    let ctime0 = (st(&p).st_ctime, st(&p).st_ctime_nsec);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let m = mmap_shared(&f, 8192, true);
+    // SAFETY: m maps 8192 writable bytes.
+    unsafe {
+        *m.add(100) = 42;
+        assert_eq!(libc::msync(m.cast(), 8192, libc::MS_SYNC), 0);
+        libc::munmap(m.cast(), 8192);
+    }
+    drop(f);
+    let s = st(&p);
+    assert!(
+        s.st_mtime > 1_000_000_000,
+        "mtime not updated by a write through mmap"
+    );
+    assert!(
+        (s.st_ctime, s.st_ctime_nsec) > ctime0,
+        "ctime not updated by a write through mmap"
+    );
+    assert_eq!(fs::read(&p).unwrap()[100], 42);
+}
+
+#[test]
+fn fsync_and_fdatasync_succeed_on_files_and_directories() {
+    let tv = TestVolume::new();
+    fs::create_dir(tv.path("d")).unwrap();
+    let mut f = File::create(tv.path("d/f")).unwrap();
+    f.write_all(b"x").unwrap();
+    f.sync_all().expect("fsync file");
+    f.sync_data().expect("fdatasync file");
+    File::open(tv.path("d"))
+        .unwrap()
+        .sync_all()
+        .expect("fsync directory");
+    File::open(tv.mnt())
+        .unwrap()
+        .sync_all()
+        .expect("fsync volume root");
+    nix::unistd::syncfs(File::open(tv.mnt()).unwrap().as_raw_fd()).expect("syncfs");
+    let ro = File::open(tv.path("d/f")).unwrap();
+    ro.sync_all().expect("fsync of a read-only descriptor");
+}
