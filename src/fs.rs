@@ -8,13 +8,13 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
-    MountOption, OpenAccMode, OpenFlags, PollEvents, PollFlags, PollNotifier, ReplyAttr, ReplyBmap,
+    Notifier, OpenAccMode, OpenFlags, PollEvents, PollFlags, PollNotifier, ReplyAttr, ReplyBmap,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
     ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
     TimeOrNow, WriteFlags,
@@ -34,6 +34,7 @@ const MAX_WRITE: u32 = 1024 * 1024;
 pub struct FuseAdapter<F: FileSystem> {
     fs: Arc<F>,
     read_only: bool,
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 /// Mount-time settings of one mount.
@@ -43,7 +44,7 @@ pub struct MountSpec<'a> {
     pub read_only: bool,
 }
 
-/// A live mount served by background threads; dropping it unmounts.
+/// A live mount served by background threads.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
 }
@@ -52,8 +53,15 @@ impl Mounted {
     /// Unmounts and waits for the session's threads; a busy mountpoint is detached lazily
     /// instead (its last user's close ends the session), so the daemon never blocks on it.
     pub fn unmount(mut self, mountpoint: &Path) {
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
+        match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+            Ok(()) => {
+                if let Some(s) = self.session.take() {
+                    if let Err(e) = s.join() {
+                        tracing::debug!("session of {} ended: {e}", mountpoint.display());
+                    }
+                }
+            }
+            Err(e) => {
                 tracing::info!(
                     "{} is busy ({e}); detaching it lazily",
                     mountpoint.display()
@@ -69,33 +77,60 @@ pub fn detach(mountpoint: &Path) {
     let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
 }
 
-/// Mounts `fs` at the spec's mountpoint and serves it from background threads.
+/// Mounts `fs` at the spec's mountpoint as type `fuse.volfs` and serves it from
+/// background threads.
 pub fn mount<F: FileSystem>(fs: Arc<F>, spec: &MountSpec<'_>) -> std::io::Result<Mounted> {
-    let mut options = vec![
-        MountOption::FSName(format!("volfs:{}", spec.volume)),
-        MountOption::Subtype("volfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoSuid,
-        MountOption::NoDev,
-    ];
-    options.push(if spec.read_only {
-        MountOption::RO
-    } else {
-        MountOption::RW
-    });
+    use nix::mount::MsFlags;
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| std::io::Error::new(e.kind(), format!("opening /dev/fuse: {e}")))?;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if spec.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    // allow_other: containers run as users other than the daemon's.
+    let data = format!(
+        "fd={},rootmode=40000,user_id={},group_id={},default_permissions,allow_other",
+        dev.as_raw_fd(),
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    let source = format!("volfs:{}", spec.volume);
+    nix::mount::mount(
+        Some(source.as_str()),
+        spec.mountpoint,
+        Some("fuse.volfs"),
+        flags,
+        Some(data.as_str()),
+    )
+    .map_err(std::io::Error::from)?;
     let mut config = Config::default();
-    config.mount_options = options;
-    config.acl = SessionACL::All;
     config.n_threads = Some(LOOPS);
     config.clone_fd = true;
+    let notifier = Arc::new(OnceLock::new());
     let adapter = FuseAdapter {
         fs,
         read_only: spec.read_only,
+        notifier: notifier.clone(),
     };
-    let session = fuser::spawn_mount(adapter, spec.mountpoint, &config)?;
-    Ok(Mounted {
-        session: Some(session),
-    })
+    let started = fuser::Session::from_fd(adapter, OwnedFd::from(dev), SessionACL::All, config)
+        .and_then(|session| {
+            let _ = notifier.set(session.notifier());
+            session.spawn()
+        });
+    match started {
+        Ok(session) => Ok(Mounted {
+            session: Some(session),
+        }),
+        Err(e) => {
+            detach(spec.mountpoint);
+            Err(e)
+        }
+    }
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -464,12 +499,20 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.sync());
+        let r = self.fs.sync();
+        if r.is_ok() {
+            // With the writeback cache the kernel keeps its own attributes; have it fetch
+            // st_blocks (now final) again. Attributes only: no lock the fsync holds.
+            if let Some(n) = self.notifier.get() {
+                let _ = n.inval_inode(ino, -1, 0);
+            }
+        }
+        empty(reply, r);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
