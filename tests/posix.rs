@@ -961,11 +961,8 @@ fn statfs_is_sane_and_free_space_shrinks_after_writing_64mib() {
     // Free space comes from the host disk, which other tests running in parallel also use (and
     // free): measure each 64 MiB write on its own and allow three attempts for a clean reading.
     let bytes = |s: &nix::sys::statvfs::Statvfs| {
-        let f = s.fragment_size() as u64;
-        (
-            (s.blocks() - s.blocks_free()) as u64 * f,
-            s.blocks_free() as u64 * f,
-        )
+        let f = s.fragment_size();
+        ((s.blocks() - s.blocks_free()) * f, s.blocks_free() * f)
     };
     let mut shrinks = Vec::new();
     for attempt in 0..3u8 {
