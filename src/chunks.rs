@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// Segments roll over at this size.
-const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
+pub const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
 const MAGIC: &[u8; 4] = b"VCK1";
 const PTR_VERSION: u8 = 1;
 /// A sealed segment whose live bytes fall under this share of its size is compacted.
@@ -93,6 +93,7 @@ struct Active {
 /// The segment files of one store.
 pub struct ChunkStore {
     dir: PathBuf,
+    segment_max: u64,
     active: Mutex<Active>,
     files: RwLock<HashMap<u64, Arc<File>>>,
     /// Live bytes per segment (committed pointers plus uncommitted appends).
@@ -148,6 +149,11 @@ impl Drop for PendingAppend<'_> {
 impl ChunkStore {
     /// Opens the segment directory; new appends go to a fresh segment.
     pub fn open(dir: &Path) -> io::Result<ChunkStore> {
+        Self::open_with(dir, SEGMENT_MAX)
+    }
+
+    /// As [`ChunkStore::open`], rolling segments at `segment_max` bytes.
+    pub fn open_with(dir: &Path, segment_max: u64) -> io::Result<ChunkStore> {
         std::fs::create_dir_all(dir)?;
         let mut files = HashMap::new();
         let mut max = 0;
@@ -176,6 +182,7 @@ impl ChunkStore {
         sync_dir(dir)?;
         Ok(ChunkStore {
             dir: dir.to_path_buf(),
+            segment_max,
             active: Mutex::new(Active { seg, file, len: 0 }),
             files: RwLock::new(files),
             live: Mutex::new(HashMap::new()),
@@ -216,7 +223,7 @@ impl ChunkStore {
         }
         let (seg, file, base) = {
             let mut a = lock(&self.active);
-            if a.len > 0 && a.len + buf.len() as u64 > SEGMENT_MAX {
+            if a.len > 0 && a.len + buf.len() as u64 > self.segment_max {
                 let seg = a.seg + 1;
                 let file = Arc::new(
                     OpenOptions::new()

@@ -67,6 +67,11 @@ impl Store {
     /// Opens (or creates) the store under `root`. sled's page cache is bounded so the
     /// daemon's memory does not grow with the volumes' size.
     pub fn open(root: &Path) -> Result<Store, String> {
+        Self::open_with(root, crate::chunks::SEGMENT_MAX)
+    }
+
+    /// As [`Store::open`], with segments rolling at `segment_max` bytes.
+    pub fn open_with(root: &Path, segment_max: u64) -> Result<Store, String> {
         let dir = root.join("store");
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create store directory {}: {e}", dir.display()))?;
@@ -89,7 +94,7 @@ impl Store {
             .open_tree("volumes")
             .map_err(|e| format!("cannot open tree volumes: {e}"))?;
         let data = root.join("data");
-        let chunks = ChunkStore::open(&data)
+        let chunks = ChunkStore::open_with(&data, segment_max)
             .map_err(|e| format!("cannot open the chunk segments in {}: {e}", data.display()))?;
         for item in fs.iter() {
             let (k, v) = item.map_err(|e| format!("scanning the store: {e}"))?;

@@ -1367,3 +1367,101 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CTX: Ctx = Ctx {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
+
+    fn volume(root: &std::path::Path) -> SledFs {
+        let store = Store::open_with(root, 256 * 1024).expect("store");
+        if store
+            .fs
+            .get(store::inode_key(1, ROOT_INO))
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            SledFs::init_volume(&store, 1, 0, 0, 0o755).expect("init");
+        }
+        SledFs::open(store, 1, "t").expect("open")
+    }
+
+    #[test]
+    fn compaction_frees_overwritten_segments_and_keeps_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let want: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let ino = {
+            let fs = volume(dir.path());
+            let a = fs
+                .mknod(&CTX, ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0)
+                .expect("create");
+            for round in 0..10u8 {
+                let mut data = want.clone();
+                data[0] = round;
+                fs.write(a.ino, 0, &data, false).expect("write");
+            }
+            fs.write(a.ino, 0, &want, false).expect("write");
+            let before = fs.store.chunks.disk_bytes();
+            assert!(before > 10 * 1_000_000, "{before}");
+            let freed = fs.store.collect_garbage().expect("gc");
+            let after = fs.store.chunks.disk_bytes();
+            assert!(
+                freed > 0 && after < 3 * 1_000_000,
+                "before {before} after {after}"
+            );
+            assert_eq!(fs.read(a.ino, 0, 2_000_000).expect("read"), want);
+            fs.sync().expect("sync");
+            a.ino
+        };
+        let fs = volume(dir.path());
+        assert_eq!(fs.read(ino, 0, 2_000_000).expect("read"), want);
+        assert_eq!(fs.getattr(ino).expect("attr").size, want.len() as u64);
+    }
+
+    #[test]
+    fn truncate_punch_and_seek_agree_with_a_model() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = volume(dir.path());
+        let a = fs
+            .mknod(&CTX, ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0)
+            .expect("create");
+        let mut model = vec![0u8; 0];
+        let mut put = |model: &mut Vec<u8>, off: usize, data: &[u8]| {
+            if model.len() < off + data.len() {
+                model.resize(off + data.len(), 0);
+            }
+            model[off..off + data.len()].copy_from_slice(data);
+        };
+        let block: Vec<u8> = (0..40_000u32).map(|i| (i % 7 + 1) as u8).collect();
+        fs.write(a.ino, 100_000, &block, false).expect("write");
+        put(&mut model, 100_000, &block);
+        fs.fallocate(
+            a.ino,
+            110_000,
+            5_000,
+            falloc::PUNCH_HOLE | falloc::KEEP_SIZE,
+        )
+        .expect("punch");
+        model[110_000..115_000].fill(0);
+        let set = SetAttr {
+            size: Some(130_001),
+            ..SetAttr::default()
+        };
+        fs.setattr(&CTX, a.ino, &set).expect("truncate");
+        model.truncate(130_001);
+        assert_eq!(fs.read(a.ino, 0, 1 << 20).expect("read"), model);
+        assert_eq!(fs.lseek(a.ino, 0, libc::SEEK_DATA), Ok(6 * CHUNK_SIZE));
+        assert_eq!(fs.lseek(a.ino, 0, libc::SEEK_HOLE), Ok(0));
+        assert_eq!(fs.lseek(a.ino, 100_000, libc::SEEK_HOLE), Ok(130_001));
+        assert_eq!(
+            fs.lseek(a.ino, 200_000, libc::SEEK_DATA),
+            Err(FsError::NoSeekData)
+        );
+    }
+}
