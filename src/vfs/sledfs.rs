@@ -1432,7 +1432,7 @@ mod tests {
             .mknod(&CTX, ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0)
             .expect("create");
         let mut model = vec![0u8; 0];
-        let mut put = |model: &mut Vec<u8>, off: usize, data: &[u8]| {
+        let put = |model: &mut Vec<u8>, off: usize, data: &[u8]| {
             if model.len() < off + data.len() {
                 model.resize(off + data.len(), 0);
             }
