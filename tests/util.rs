@@ -6,13 +6,15 @@
 //!   `Daemon::start()`, `Daemon::start_at(root)`, `cli`, `cli_ok`, `create`, `mount`,
 //!   `umount`, `stop`, `kill9`, `restart`, `root`, `socket`, `pid`, `log`.
 //!   Dropping it SIGKILLs the daemon and lazily unmounts whatever it left; it never panics.
-//! * [`TestVolume`]: a daemon plus volume [`VOLUME`] (`"testvol"`; names need >= 2 chars) mounted read-write at a fresh directory.
-//!   `new`, `mnt`, `path`, `daemon`, `mount_again`, `restart`, `kill_and_restart`.
+//! * [`TestVolume`]: a daemon plus volume [`VOLUME`] (`"testvol"`: volume names need at least
+//!   2 characters) mounted read-write at a fresh directory.
+//!   `new`, `mnt`, `path`, `daemon`, `mount_again(read_only)`, `restart`, `kill_and_restart`.
 //! * [`errno`], [`ToErrno`], [`assert_errno!`]: turn a failed `nix` / `std::io` result into its
 //!   `Errno` (panicking on success).
 //! * [`run_as`]: run a closure in a forked child as another uid/gid (no supplementary groups);
 //!   a panic (failed assertion) in the child is re-raised in the parent with its message.
-//! * [`is_mounted`], [`mount_fstype`], [`lazy_umount`]: mount-table helpers.
+//! * [`is_mounted`], [`mount_fstype`], [`mounts`], [`lazy_umount`]: mount-table helpers;
+//!   [`open_tempdir`]: a temp dir (mode 0755) that non-root users can traverse.
 //!
 //! Every test should build its own `TestVolume` (or `Daemon`), so tests run in parallel.
 //! A watchdog SIGKILLs a daemon that is still alive after `VOLFS_TEST_WATCHDOG_SECS`
