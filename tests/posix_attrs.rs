@@ -676,6 +676,39 @@ fn creating_renaming_and_removing_entries_update_the_parent_mtime_and_ctime() {
         assert!(t[2] > prev[2], "{what} did not advance the parent's ctime");
         prev = t;
     }
+    // Writing to a file changes the file, not its directory.
+    tick();
+    OpenOptions::new()
+        .write(true)
+        .open(d.join("f3"))
+        .unwrap()
+        .write_all(b"data")
+        .unwrap();
+    assert_eq!(
+        times(&d)[1..],
+        prev[1..],
+        "a write to d/f3 changed d's mtime/ctime"
+    );
+}
+
+#[test]
+fn new_entries_get_current_atime_mtime_and_ctime() {
+    let tv = TestVolume::new();
+    let before = now();
+    File::create(tv.path("f")).unwrap();
+    fs::create_dir(tv.path("d")).unwrap();
+    symlink("f", tv.path("l")).unwrap();
+    nix::unistd::mkfifo(&tv.path("p"), Mode::from_bits_truncate(0o600)).unwrap();
+    let after = now();
+    for n in ["f", "d", "l", "p"] {
+        for (i, t) in times(&tv.path(n)).into_iter().enumerate() {
+            assert!(
+                t >= (before.0 - 1, 0) && t <= (after.0 + 1, 999_999_999),
+                "{} of new {n} is {t:?}, not between {before:?} and {after:?}",
+                ["atime", "mtime", "ctime"][i]
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -209,6 +209,13 @@ fn parallel_creates_in_one_directory_all_land() {
     let n = names(&d);
     assert_eq!(n.len(), 4 * 250 + 4 * 125);
     assert_eq!(st(&d).st_nlink, 2 + 4 * 125);
+    let mut inos: Vec<u64> = n.iter().map(|x| st(&d.join(x)).st_ino).collect();
+    inos.push(st(&d).st_ino);
+    inos.push(st(tv.mnt()).st_ino);
+    let total = inos.len();
+    inos.sort();
+    inos.dedup();
+    assert_eq!(inos.len(), total, "inode numbers are not unique");
     for t in 0..4 {
         for i in 0..250 {
             let p = d.join(format!("t{t}-{i}"));

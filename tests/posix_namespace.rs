@@ -455,6 +455,9 @@ fn rename_across_directories_moves_the_subtree_and_never_exdev() {
     fs::create_dir_all(tv.path("x/y")).unwrap();
     write_file(&tv.path("a/b/moved/deep/f"), &pattern(100_000, 20));
     write_file(&tv.path("a/file"), b"file");
+    setxattr(&tv.path("a/file"), "user.travels", b"along", 0).unwrap();
+    setxattr(&tv.path("a/b/moved"), "user.dir", b"too", 0).unwrap();
+    let ino = st(&tv.path("a/file")).st_ino;
     fs::rename(tv.path("a/b/moved"), tv.path("x/y/moved")).unwrap();
     fs::rename(tv.path("a/file"), tv.path("x/y/moved/deep/file2")).unwrap();
     assert_bytes_eq(
@@ -463,6 +466,16 @@ fn rename_across_directories_moves_the_subtree_and_never_exdev() {
         "moved file",
     );
     assert_eq!(fs::read(tv.path("x/y/moved/deep/file2")).unwrap(), b"file");
+    assert_eq!(
+        st(&tv.path("x/y/moved/deep/file2")).st_ino,
+        ino,
+        "rename keeps the inode"
+    );
+    assert_eq!(
+        getxattr(&tv.path("x/y/moved/deep/file2"), "user.travels").unwrap(),
+        b"along"
+    );
+    assert_eq!(getxattr(&tv.path("x/y/moved"), "user.dir").unwrap(), b"too");
     assert_eq!(
         st(&tv.path("x/y/moved/..")).st_ino,
         st(&tv.path("x/y")).st_ino,
