@@ -5,6 +5,7 @@
 #[macro_use]
 mod util;
 mod durability;
+mod faults;
 mod integrity;
 mod posix;
 mod posix_attrs;
