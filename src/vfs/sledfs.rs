@@ -19,7 +19,7 @@ use super::{
 use crate::chunks::{ChunkPtr, PendingAppend, ReadError};
 use crate::error::{FsError, FsResult};
 use crate::store::{
-    self, CHUNK_SIZE, DentryRecord, FileKind, InodeRecord, ROOT_INO, Store, Timestamp,
+    self, CHUNK_SIZE, DentryRecord, FileKind, InodeRecord, Op, ROOT_INO, Store, Timestamp,
 };
 
 /// One volume's filesystem.
@@ -72,18 +72,25 @@ fn attr_of(ino: Ino, r: &InodeRecord) -> Attr {
 /// versions it makes unreachable (released only once the batch is applied).
 #[derive(Default)]
 struct Change<'a> {
-    batch: sled::Batch,
+    ops: Vec<Op>,
     appends: Vec<PendingAppend<'a>>,
     released: Vec<ChunkPtr>,
 }
 
 impl Change<'_> {
-    fn insert(&mut self, k: impl Into<sled::IVec>, v: impl Into<sled::IVec>) {
-        self.batch.insert(k, v);
+    fn insert(&mut self, k: impl AsRef<[u8]>, v: impl AsRef<[u8]>) {
+        self.ops
+            .push(Op::Put(k.as_ref().to_vec(), v.as_ref().to_vec()));
     }
 
-    fn remove(&mut self, k: impl Into<sled::IVec>) {
-        self.batch.remove(k);
+    fn remove(&mut self, k: impl AsRef<[u8]>) {
+        self.ops.push(Op::Del(k.as_ref().to_vec()));
+    }
+
+    /// Removes every key starting with `prefix`.
+    fn remove_prefix(&mut self, prefix: Vec<u8>) {
+        let end = store::prefix_end(&prefix);
+        self.ops.push(Op::DelRange(prefix, end));
     }
 }
 
@@ -165,16 +172,16 @@ impl SledFs {
         self.store.stripe_locks(self.vol, inos)
     }
 
-    fn apply(&self, batch: sled::Batch, what: &str) -> FsResult<()> {
-        self.store.note_change();
-        self.store
-            .fs
-            .apply_batch(batch)
-            .map_err(|e| FsError::storage(&format!("{what} in volume {}", self.name), e))
+    fn apply(&self, ops: &[Op], what: &str) -> FsResult<()> {
+        self.store.commit(ops).inspect_err(|e| {
+            if let FsError::Io(_) = e {
+                tracing::error!(volume = %self.name, "{what} failed");
+            }
+        })
     }
 
     fn commit(&self, change: Change<'_>, what: &str) -> FsResult<()> {
-        match self.apply(change.batch, what) {
+        match self.apply(&change.ops, what) {
             Ok(()) => {
                 for p in &change.released {
                     self.store.chunks.release(p);
@@ -289,22 +296,21 @@ impl SledFs {
     /// Removes an inode with its data and xattrs into `change`.
     fn drop_inode(&self, change: &mut Change<'_>, ino: Ino) -> FsResult<()> {
         let t = &self.store.fs;
-        for item in t.scan_prefix(store::chunk_prefix(self.vol, ino)) {
-            let (k, v) = item.map_err(|e| FsError::storage("listing an inode's data", e))?;
+        for item in t.scan_prefix(store::chunk_prefix(self.vol, ino)).values() {
+            let v = item.map_err(|e| FsError::storage("listing an inode's data", e))?;
             if let Some(p) = ChunkPtr::decode(&v) {
                 change.released.push(p);
             }
-            change.remove(k);
         }
-        for k in t.scan_prefix(store::xattr_prefix(self.vol, ino)).keys() {
-            change.remove(k.map_err(|e| FsError::storage("listing an inode's xattrs", e))?);
-        }
+        // Names are gone already (callers remove them first); then the record, then data.
+        change.remove(store::inode_key(self.vol, ino));
+        change.remove_prefix(store::chunk_prefix(self.vol, ino));
+        change.remove_prefix(store::xattr_prefix(self.vol, ino));
         if let Ok(r) = self.get_inode(ino) {
             self.used_bytes
                 .fetch_sub(r.stored + r.target.len() as u64, Ordering::Relaxed);
             self.inodes.fetch_sub(1, Ordering::Relaxed);
         }
-        change.remove(store::inode_key(self.vol, ino));
         change.remove(store::orphan_key(self.vol, ino));
         Ok(())
     }
@@ -503,8 +509,11 @@ impl SledFs {
                 self.used_bytes
                     .fetch_sub(u64::from(p.len), Ordering::Relaxed);
                 change.released.push(p);
-                change.remove(k);
             }
+            change.ops.push(Op::DelRange(
+                store::chunk_key(self.vol, ino, first_gone),
+                store::prefix_end(&store::chunk_prefix(self.vol, ino)),
+            ));
             if keep_partial != 0 {
                 let idx = new_size / CHUNK_SIZE;
                 if let Some((mut data, old)) = self.read_chunk(ino, idx)? {
@@ -937,7 +946,6 @@ impl FileSystem for SledFs {
                 r.nlink = r.nlink.saturating_sub(1);
             }
             dirty.get(d.ino).ctime = now;
-            self.release_if_unlinked(&mut batch, &dirty, d.ino)?;
         }
         batch.remove(store::dentry_key(self.vol, parent, name));
         batch.remove(store::readdir_key(self.vol, parent, src.cookie));
@@ -968,6 +976,11 @@ impl FileSystem for SledFs {
         dirty.get(src.ino).ctime = now;
         Self::touch(dirty.get(parent), now);
         Self::touch(dirty.get(newparent), now);
+        // The replaced inode goes only after the new name points elsewhere: a lookup of
+        // `newname` always finds a file.
+        if let Some(d) = dst {
+            self.release_if_unlinked(&mut batch, &dirty, d.ino)?;
+        }
         self.put_all(&mut batch, &dirty);
         self.commit(batch, "renaming")
     }
@@ -1149,7 +1162,7 @@ impl FileSystem for SledFs {
                 cookie: 2,
             });
         }
-        let start = store::readdir_key(self.vol, ino, cookie.max(2) + 1);
+        let start = store::readdir_key(self.vol, ino, cookie.max(2).saturating_add(1));
         let end = store::readdir_key(self.vol, ino, u64::MAX);
         for item in self.store.fs.range(start..=end) {
             if out.len() >= max {
