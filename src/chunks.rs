@@ -15,6 +15,10 @@
 //!   flushed (see [`ChunkStore::sync`] and `Store::sync`).
 //! - A segment is deleted only when nothing points into it and no append into it is still
 //!   uncommitted, and only after the moved pointers are durable.
+//! - The bytes of a released (overwritten or deleted) chunk version are given back to the
+//!   host by punching a hole, but only after a sync that began after the release: by then
+//!   no durable pointer can lead to them. A reader that raced the release sees a checksum
+//!   mismatch, reads the pointer again and finds the new version.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -102,6 +106,8 @@ pub struct ChunkStore {
     /// collected, since its index entries may still be on their way.
     pending: Mutex<HashMap<u64, u64>>,
     dirty: Mutex<HashSet<u64>>,
+    /// Released chunk versions whose bytes are not yet given back.
+    released: Mutex<Vec<ChunkPtr>>,
     /// Held by `sync` so concurrent fsyncs share one round of segment syncs.
     sync_lock: Mutex<()>,
 }
@@ -188,6 +194,7 @@ impl ChunkStore {
             live: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashSet::new()),
+            released: Mutex::new(Vec::new()),
             sync_lock: Mutex::new(()),
         })
     }
@@ -200,6 +207,39 @@ impl ChunkStore {
     /// A committed pointer was replaced or removed.
     pub fn release(&self, ptr: &ChunkPtr) {
         *lock(&self.live).entry(ptr.seg).or_insert(0) -= i64::from(ptr.len);
+        lock(&self.released).push(*ptr);
+    }
+
+    /// Takes the released versions to give back after the next sync completes.
+    pub fn take_released(&self) -> Vec<ChunkPtr> {
+        std::mem::take(&mut *lock(&self.released))
+    }
+
+    /// Puts back a release whose sync failed.
+    pub fn requeue(&self, ptr: &ChunkPtr) {
+        lock(&self.released).push(*ptr);
+    }
+
+    /// Gives the bytes of released versions back to the host (the caller synced since they
+    /// were released).
+    pub fn punch(&self, ptrs: &[ChunkPtr]) {
+        use std::os::fd::AsRawFd;
+        for p in ptrs {
+            let Some(f) = self.file(p.seg) else {
+                continue;
+            };
+            let r = nix::fcntl::fallocate(
+                f.as_raw_fd(),
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                p.off as i64,
+                i64::from(p.len),
+            );
+            if let Err(e) = r {
+                // Not every host filesystem can punch holes; compaction still frees space.
+                tracing::debug!("punching a released chunk in segment {:x}: {e}", p.seg);
+            }
+        }
     }
 
     /// Appends chunk versions `(key, bytes)` with one write; returns their pointers.

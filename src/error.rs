@@ -64,7 +64,9 @@ impl FsError {
     /// A storage error: logs it once with its context, and maps a full disk to ENOSPC.
     pub fn storage(context: &str, err: sled::Error) -> FsError {
         if let sled::Error::Io(io) = &err {
-            if io.raw_os_error() == Some(libc::ENOSPC) {
+            if io.raw_os_error() == Some(libc::ENOSPC)
+                || io.kind() == std::io::ErrorKind::StorageFull
+            {
                 tracing::warn!("{context}: host disk full: {io}");
                 return FsError::NoSpace;
             }

@@ -263,6 +263,41 @@ impl Store {
     pub fn sync(&self) -> FsResult<()> {
         self.unsynced
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        let released = self.chunks.take_released();
+        let r = self.sync_inner();
+        if r.is_ok() {
+            self.chunks.punch(&released);
+        } else {
+            for p in &released {
+                self.chunks.requeue(p);
+            }
+        }
+        r
+    }
+
+    /// Refuses to take `bytes` more when that would eat into the room kept for sled, which
+    /// must never meet a full disk (sled 0.34 fails every later call once a log write has
+    /// failed).
+    pub fn check_space(&self, bytes: u64) -> FsResult<()> {
+        let dir = self.dir();
+        let Ok(st) = nix::sys::statvfs::statvfs(dir.as_path()) else {
+            return Ok(());
+        };
+        let frag = st.fragment_size();
+        let total = st.blocks() * frag;
+        let avail = st.blocks_available() * frag;
+        let reserve = (total / 20).clamp(1 << 20, 64 << 20);
+        if avail < reserve.saturating_add(bytes) {
+            tracing::warn!(
+                "host disk of {} nearly full ({avail} bytes free, {reserve} kept for the store): ENOSPC",
+                dir.display()
+            );
+            return Err(FsError::NoSpace);
+        }
+        Ok(())
+    }
+
+    fn sync_inner(&self) -> FsResult<()> {
         self.chunks.sync().map_err(|e| {
             tracing::error!("fsync of chunk segments: {e}");
             if e.raw_os_error() == Some(libc::ENOSPC) {

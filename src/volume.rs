@@ -191,6 +191,20 @@ impl Registry {
                 path.display()
             ));
         }
+        if let Err(e) = std::fs::metadata(path) {
+            if e.raw_os_error() == Some(libc::ENOTCONN) {
+                // A mount left by a daemon that died: nothing serves it any more.
+                tracing::warn!("detaching dead FUSE mount at {}", path.display());
+                fs::detach(path);
+            }
+        }
+        // One spelling per directory: symlinks, `..` and trailing slashes resolve here.
+        let path = &std::fs::canonicalize(path).map_err(|e| {
+            format!(
+                "mountpoint {}: {e} (create the directory first)",
+                path.display()
+            )
+        })?;
         let mut mounts = lock(&self.mounts);
         if let Some(m) = mounts.get(path) {
             return Err(format!(
@@ -199,13 +213,6 @@ impl Registry {
                 m.volume,
                 path.display()
             ));
-        }
-        if let Err(e) = std::fs::metadata(path) {
-            if e.raw_os_error() == Some(libc::ENOTCONN) {
-                // A mount left by a daemon that died: nothing serves it any more.
-                tracing::warn!("detaching dead FUSE mount at {}", path.display());
-                fs::detach(path);
-            }
         }
         let meta = std::fs::metadata(path).map_err(|e| {
             format!(
@@ -237,7 +244,14 @@ impl Registry {
     }
 
     pub fn umount(&self, path: &Path) -> Result<(), String> {
-        let entry = lock(&self.mounts).remove(path).ok_or_else(|| {
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut mounts = lock(&self.mounts);
+        let key = if mounts.contains_key(path) {
+            path
+        } else {
+            canonical.as_path()
+        };
+        let entry = mounts.remove(key).ok_or_else(|| {
             format!(
                 "{} is not a volfs mountpoint (see `volfs ls`)",
                 path.display()

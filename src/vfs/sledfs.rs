@@ -346,6 +346,7 @@ impl SledFs {
             target,
         } = node;
         check_name(name)?;
+        self.store.check_space(0)?;
         let _ns = lock(&self.namespace);
         let ino = self.store.new_ino()?;
         let _l = self.stripe_locks(&[parent, ino]);
@@ -440,7 +441,12 @@ impl SledFs {
             match self.store.chunks.read(&key, &ptr) {
                 Ok(Some(d)) => return Ok(Some((d, ptr))),
                 Ok(None) => continue,
-                Err(e) => return Err(self.chunk_error(ino, index, e)),
+                Err(e) => {
+                    if self.pointer_moved(&key, &ptr) {
+                        continue;
+                    }
+                    return Err(self.chunk_error(ino, index, e));
+                }
             }
         }
         Err(FsError::Io(format!("chunk of inode {ino} kept moving")))
@@ -455,7 +461,21 @@ impl SledFs {
                 .read_chunk(ino, index)?
                 .map(|c| c.0)
                 .unwrap_or_default()),
+            Err(_) if self.pointer_moved(key, &ptr) => Ok(self
+                .read_chunk(ino, index)?
+                .map(|c| c.0)
+                .unwrap_or_default()),
             Err(e) => Err(self.chunk_error(ino, index, e)),
+        }
+    }
+
+    /// Whether the chunk's key now points somewhere else than `ptr` (a write or the
+    /// compactor replaced it while we read the old version).
+    fn pointer_moved(&self, key: &[u8], ptr: &ChunkPtr) -> bool {
+        match self.store.fs.get(key) {
+            Ok(Some(v)) => ChunkPtr::decode(&v) != Some(*ptr),
+            Ok(None) => true,
+            Err(_) => false,
         }
     }
 
@@ -464,6 +484,8 @@ impl SledFs {
         change: &mut Change<'a>,
         chunks: &[(Vec<u8>, Vec<u8>)],
     ) -> FsResult<()> {
+        let bytes: usize = chunks.iter().map(|(k, d)| k.len() + d.len() + 14).sum();
+        self.store.check_space(bytes as u64)?;
         let pairs: Vec<(&[u8], &[u8])> = chunks
             .iter()
             .map(|(k, d)| (k.as_slice(), d.as_slice()))
