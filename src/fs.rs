@@ -24,8 +24,10 @@ use crate::error::{FsError, FsResult};
 use crate::vfs::{Attr, Ctx, FileKind, FileSystem, RenameFlags, SetAttr, SetTime, Timestamp};
 
 /// How long the kernel may cache entries and attributes. Every change to a volume goes
-/// through the kernel of this host, which updates its caches itself.
-const TTL: Duration = Duration::from_secs(1);
+/// through a mount on this host: that mount's kernel cache follows it by itself, and the
+/// volume's other mounts are told to drop what it changed ([`Peers`]) before the change is
+/// acknowledged. The TTL is only a backstop.
+const TTL: Duration = Duration::from_secs(60);
 /// FUSE event loops per mount, each with its own cloned `/dev/fuse` descriptor.
 const LOOPS: usize = 4;
 const MAX_WRITE: u32 = 1024 * 1024;
@@ -35,6 +37,9 @@ pub struct FuseAdapter<F: FileSystem> {
     fs: Arc<F>,
     read_only: bool,
     notifier: Arc<OnceLock<Notifier>>,
+    peers: Arc<Peers>,
+    /// This mount's id among `peers`, set once it serves.
+    me: Arc<OnceLock<u64>>,
 }
 
 /// Mount-time settings of one mount.
@@ -42,11 +47,105 @@ pub struct MountSpec<'a> {
     pub volume: &'a str,
     pub mountpoint: &'a Path,
     pub read_only: bool,
+    /// The other mounts of the same volume.
+    pub peers: Arc<Peers>,
+}
+
+/// The live mounts of one volume. A change made through one mount is followed by
+/// invalidations of what the others' kernels cache of it (attributes, page ranges,
+/// names), sent from a thread of its own: sending from the handler, before or after its
+/// reply, can deadlock, since each kernel holds directory locks while it waits for this
+/// daemon, and two mounts invalidating each other would wait on each other.
+pub struct Peers {
+    next: std::sync::atomic::AtomicU64,
+    mounts: Arc<std::sync::Mutex<Vec<(u64, Notifier)>>>,
+    queue: std::sync::Mutex<std::sync::mpsc::Sender<(u64, Vec<Inval>)>>,
+}
+
+impl Default for Peers {
+    fn default() -> Peers {
+        let mounts: Arc<std::sync::Mutex<Vec<(u64, Notifier)>>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<Inval>)>();
+        let list = mounts.clone();
+        // Ends when the volume's Peers is dropped (the channel closes).
+        let _ = std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || {
+                for (from, what) in rx {
+                    let others: Vec<Notifier> = lock_list(&list)
+                        .iter()
+                        .filter(|(i, _)| *i != from)
+                        .map(|(_, n)| n.clone())
+                        .collect();
+                    for n in others {
+                        for w in &what {
+                            // ENOENT: that kernel does not cache it; nothing to forget.
+                            let _ = match w {
+                                Inval::Inode(ino, off, len) => {
+                                    n.inval_inode(INodeNo(*ino), *off, *len)
+                                }
+                                Inval::Entry(parent, name) => {
+                                    n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+                                }
+                            };
+                        }
+                    }
+                }
+            });
+        Peers {
+            next: std::sync::atomic::AtomicU64::new(0),
+            mounts,
+            queue: std::sync::Mutex::new(tx),
+        }
+    }
+}
+
+fn lock_list(
+    m: &std::sync::Mutex<Vec<(u64, Notifier)>>,
+) -> std::sync::MutexGuard<'_, Vec<(u64, Notifier)>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Peers {
+    fn join(&self, n: Notifier) -> u64 {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock_list(&self.mounts).push((id, n));
+        id
+    }
+
+    fn leave(&self, id: u64) {
+        lock_list(&self.mounts).retain(|(i, _)| *i != id);
+    }
+
+    fn has_others(&self, me: u64) -> bool {
+        lock_list(&self.mounts).iter().any(|(i, _)| *i != me)
+    }
+
+    fn send(&self, from: u64, what: Vec<Inval>) {
+        let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = q.send((from, what));
+    }
+}
+
+/// What another mount's kernel must forget.
+enum Inval {
+    /// Attributes, and the page range `offset..offset+len` unless `offset` is negative
+    /// (`len` 0: to the end).
+    Inode(u64, i64, i64),
+    Entry(u64, Vec<u8>),
 }
 
 /// A live mount served by background threads.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    peers: Arc<Peers>,
+    id: u64,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.peers.leave(self.id);
+    }
 }
 
 impl Mounted {
@@ -112,19 +211,30 @@ pub fn mount<F: FileSystem>(fs: Arc<F>, spec: &MountSpec<'_>) -> std::io::Result
     config.n_threads = Some(LOOPS);
     config.clone_fd = true;
     let notifier = Arc::new(OnceLock::new());
+    let me = Arc::new(OnceLock::new());
     let adapter = FuseAdapter {
         fs,
         read_only: spec.read_only,
         notifier: notifier.clone(),
+        peers: spec.peers.clone(),
+        me: me.clone(),
     };
     let started = fuser::Session::from_fd(adapter, OwnedFd::from(dev), SessionACL::All, config)
         .and_then(|session| {
-            let _ = notifier.set(session.notifier());
-            session.spawn()
+            let n = session.notifier();
+            let _ = notifier.set(n.clone());
+            let id = spec.peers.join(n);
+            let _ = me.set(id);
+            session
+                .spawn()
+                .map(|s| (s, id))
+                .inspect_err(|_| spec.peers.leave(id))
         });
     match started {
-        Ok(session) => Ok(Mounted {
+        Ok((session, id)) => Ok(Mounted {
             session: Some(session),
+            peers: spec.peers.clone(),
+            id,
         }),
         Err(e) => {
             detach(spec.mountpoint);
@@ -215,6 +325,51 @@ fn xattr_reply(reply: ReplyXattr, size: u32, r: FsResult<Vec<u8>>) {
 }
 
 impl<F: FileSystem> FuseAdapter<F> {
+    /// Makes the volume's other mounts forget what a change made stale (asynchronously,
+    /// see [`Peers`]).
+    fn tell_others(&self, what: Vec<Inval>) {
+        if let Some(me) = self.me.get() {
+            if self.peers.has_others(*me) {
+                self.peers.send(*me, what);
+            }
+        }
+    }
+
+    fn has_peers(&self) -> bool {
+        self.me.get().is_some_and(|me| self.peers.has_others(*me))
+    }
+
+    /// After a new name: the parent's attributes (mtime, nlink) changed.
+    fn told_new_entry(&self, parent: u64, r: FsResult<Attr>) -> FsResult<Attr> {
+        if let Ok(a) = &r {
+            self.tell_others(vec![
+                Inval::Inode(parent, -1, 0),
+                Inval::Inode(a.ino, -1, 0),
+            ]);
+        }
+        r
+    }
+
+    /// The inode a name points at now, when other mounts must hear about it.
+    fn peer_child(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        if self.has_peers() {
+            self.fs.lookup(parent, name).ok().map(|a| a.ino)
+        } else {
+            None
+        }
+    }
+
+    /// After a name went away (or was replaced): the name, the parent's attributes, and
+    /// the attributes (nlink) of the inode it named.
+    fn told_removed(&self, parent: u64, name: &[u8], child: Option<u64>) {
+        let mut what = vec![
+            Inval::Entry(parent, name.to_vec()),
+            Inval::Inode(parent, -1, 0),
+        ];
+        what.extend(child.map(|c| Inval::Inode(c, -1, 0)));
+        self.tell_others(what);
+    }
+
     fn writable(&self) -> FsResult<()> {
         if self.read_only {
             Err(FsError::ReadOnly)
@@ -298,6 +453,10 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         let r = self
             .writable()
             .and_then(|()| self.fs.setattr(&ctx(req), ino.0, &set));
+        if r.is_ok() {
+            let off = if size.is_some() { 0 } else { -1 };
+            self.tell_others(vec![Inval::Inode(ino.0, off, 0)]);
+        }
         match r {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -325,7 +484,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             self.fs
                 .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, rdev)
         });
-        entry(reply, r);
+        entry(reply, self.told_new_entry(parent.0, r));
     }
 
     fn mkdir(
@@ -341,20 +500,28 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             self.fs
                 .mkdir(&ctx(req), parent.0, name.as_bytes(), mode, umask)
         });
-        entry(reply, r);
+        entry(reply, self.told_new_entry(parent.0, r));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let child = self.peer_child(parent.0, name.as_bytes());
         let r = self
             .writable()
             .and_then(|()| self.fs.unlink(parent.0, name.as_bytes()));
+        if r.is_ok() {
+            self.told_removed(parent.0, name.as_bytes(), child);
+        }
         empty(reply, r);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let child = self.peer_child(parent.0, name.as_bytes());
         let r = self
             .writable()
             .and_then(|()| self.fs.rmdir(parent.0, name.as_bytes()));
+        if r.is_ok() {
+            self.told_removed(parent.0, name.as_bytes(), child);
+        }
         empty(reply, r);
     }
 
@@ -374,7 +541,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                 target.as_os_str().as_bytes(),
             )
         });
-        entry(reply, r);
+        entry(reply, self.told_new_entry(parent.0, r));
     }
 
     fn rename(
@@ -388,6 +555,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         reply: ReplyEmpty,
     ) {
         let known = fuser::RenameFlags::RENAME_NOREPLACE | fuser::RenameFlags::RENAME_EXCHANGE;
+        let replaced = self.peer_child(newparent.0, newname.as_bytes());
         let r = self.writable().and_then(|()| {
             if !known.contains(flags) {
                 return Err(FsError::Invalid);
@@ -404,6 +572,10 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                 f,
             )
         });
+        if r.is_ok() {
+            self.told_removed(parent.0, name.as_bytes(), None);
+            self.told_removed(newparent.0, newname.as_bytes(), replaced);
+        }
         empty(reply, r);
     }
 
@@ -418,7 +590,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         let r = self
             .writable()
             .and_then(|()| self.fs.link(ino.0, newparent.0, newname.as_bytes()));
-        entry(reply, r);
+        entry(reply, self.told_new_entry(newparent.0, r));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -467,7 +639,10 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             .writable()
             .and_then(|()| self.fs.write(ino.0, offset, data, kill))
         {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                self.tell_others(vec![Inval::Inode(ino.0, offset as i64, i64::from(n))]);
+                reply.written(n)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -627,6 +802,9 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             self.fs
                 .setxattr(&ctx(req), ino.0, name.as_bytes(), value, flags)
         });
+        if r.is_ok() {
+            self.tell_others(vec![Inval::Inode(ino.0, -1, 0)]);
+        }
         empty(reply, r);
     }
 
@@ -642,6 +820,9 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         let r = self
             .writable()
             .and_then(|()| self.fs.removexattr(ino.0, name.as_bytes()));
+        if r.is_ok() {
+            self.tell_others(vec![Inval::Inode(ino.0, -1, 0)]);
+        }
         empty(reply, r);
     }
 
@@ -671,6 +852,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                 .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, 0)?;
             self.fs.open(a.ino)
         });
+        let r = self.told_new_entry(parent.0, r);
         match r {
             Ok(a) => reply.created(
                 &TTL,
@@ -732,6 +914,9 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         let r = self
             .writable()
             .and_then(|()| self.fs.fallocate(ino.0, offset, length, mode));
+        if r.is_ok() {
+            self.tell_others(vec![Inval::Inode(ino.0, offset as i64, length as i64)]);
+        }
         empty(reply, r);
     }
 

@@ -18,10 +18,13 @@ struct MountEntry {
     mounted: Mounted,
 }
 
+/// A volume in use: its filesystem and its live mounts, shared by all of them.
+type OpenVolume = (Arc<SledFs>, Arc<fs::Peers>);
+
 /// Everything the daemon serves.
 pub struct Registry {
     store: Store,
-    open: Mutex<HashMap<u64, Arc<SledFs>>>,
+    open: Mutex<HashMap<u64, OpenVolume>>,
     mounts: Mutex<BTreeMap<PathBuf, MountEntry>>,
 }
 
@@ -166,20 +169,21 @@ impl Registry {
         Ok(out)
     }
 
-    fn volume_fs(&self, name: &str) -> Result<Arc<SledFs>, String> {
+    fn volume_fs(&self, name: &str) -> Result<OpenVolume, String> {
         let rec = self.record(name)?.ok_or_else(|| {
             format!("no such volume: {name} (create it with `volfs create {name}`)")
         })?;
         let mut open = lock(&self.open);
-        if let Some(fs) = open.get(&rec.id) {
-            return Ok(fs.clone());
+        if let Some(v) = open.get(&rec.id) {
+            return Ok(v.clone());
         }
         let fs = Arc::new(
             SledFs::open(self.store.clone(), rec.id, name)
                 .map_err(|e| format!("opening volume {name}: {e}"))?,
         );
-        open.insert(rec.id, fs.clone());
-        Ok(fs)
+        let v = (fs, Arc::new(fs::Peers::default()));
+        open.insert(rec.id, v.clone());
+        Ok(v)
     }
 
     /// Mounts a volume at an existing directory.
@@ -223,11 +227,12 @@ impl Registry {
         if !meta.is_dir() {
             return Err(format!("mountpoint {} is not a directory", path.display()));
         }
-        let vfs = self.volume_fs(name)?;
+        let (vfs, peers) = self.volume_fs(name)?;
         let spec = MountSpec {
             volume: name,
             mountpoint: path,
             read_only,
+            peers,
         };
         let mounted = fs::mount(vfs, &spec)
             .map_err(|e| format!("mounting {name} at {}: {e}", path.display()))?;
@@ -270,7 +275,7 @@ impl Registry {
             tracing::info!(volume = m.volume, path = %path.display(), "unmounted at shutdown");
         }
         let open = std::mem::take(&mut *lock(&self.open));
-        for fs in open.values() {
+        for (fs, _) in open.values() {
             if let Err(e) = fs.sync() {
                 tracing::error!("flushing at shutdown: {e}");
             }
