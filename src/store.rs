@@ -1,8 +1,8 @@
 //! The on-disk layout: one sled database per daemon, every key built and parsed here.
 //!
-//! All filesystem state of every volume lives in the single tree `fs`, so that one
-//! `apply_batch` makes any multi-key change (a rename, a write and its size update) atomic
-//! and crash-consistent. Volume metadata lives in the tree `volumes`.
+//! All filesystem state of every volume lives in the single tree `fs`; a multi-key change
+//! (a rename, a write and its size update) is made atomic and crash-consistent by an intent
+//! record ([`Store::commit`]). Volume metadata lives in the tree `volumes`.
 //! Integers in keys are big-endian so that sled's byte order is numeric order.
 //!
 //! | tree      | key                                          | value                              |
@@ -14,6 +14,7 @@
 //! | `fs`      | `vol:u64 'c' ino:u64 index:u64`              | [`ChunkPtr`]: segment, offset, length, crc32 |
 //! | `fs`      | `vol:u64 'x' ino:u64 name`                   | xattr value                        |
 //! | `fs`      | `vol:u64 'o' ino:u64`                        | empty: inode unlinked while open   |
+//! | `intents` | sequence:u64                                 | a multi-key change being applied ([`Store::commit`]) |
 //!
 //! Chunk bytes live in append-only segment files (`crate::chunks`), each version written
 //! once; the `c` key points at the current version.
