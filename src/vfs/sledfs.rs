@@ -407,14 +407,7 @@ impl SledFs {
         p.mtime = now;
         p.ctime = now;
         batch.insert(store::inode_key(self.vol, ino), rec.encode());
-        batch.insert(
-            store::dentry_key(self.vol, parent, name),
-            DentryRecord { ino, kind, cookie }.encode(),
-        );
-        batch.insert(
-            store::readdir_key(self.vol, parent, cookie),
-            store::encode_readdir(ino, kind, name),
-        );
+        self.put_name(&mut batch, parent, name, DentryRecord { ino, kind, cookie });
         self.put_all(&mut batch, &dirty);
         self.commit(batch, "creating a file")?;
         self.inodes.fetch_add(1, Ordering::Relaxed);
@@ -424,6 +417,15 @@ impl SledFs {
     }
 
     /// The current version of one chunk and where it lives.
+    /// Adds a name: its entry and its readdir index key.
+    fn put_name(&self, change: &mut Change<'_>, parent: Ino, name: &[u8], d: DentryRecord) {
+        change.insert(store::dentry_key(self.vol, parent, name), d.encode());
+        change.insert(
+            store::readdir_key(self.vol, parent, d.cookie),
+            store::encode_readdir(d.ino, d.kind, name),
+        );
+    }
+
     fn read_chunk(&self, ino: Ino, index: u64) -> FsResult<Option<(Vec<u8>, ChunkPtr)>> {
         let key = store::chunk_key(self.vol, ino, index);
         // A pointer read just before the compactor moved the chunk finds its segment gone:
@@ -790,13 +792,11 @@ impl FileSystem for SledFs {
         r.ctime = now;
         let kind = r.kind;
         let mut batch = Change::default();
-        batch.insert(
-            store::dentry_key(self.vol, newparent, newname),
-            DentryRecord { ino, kind, cookie }.encode(),
-        );
-        batch.insert(
-            store::readdir_key(self.vol, newparent, cookie),
-            store::encode_readdir(ino, kind, newname),
+        self.put_name(
+            &mut batch,
+            newparent,
+            newname,
+            DentryRecord { ino, kind, cookie },
         );
         self.put_all(&mut batch, &dirty);
         self.commit(batch, "linking")?;
@@ -894,31 +894,25 @@ impl FileSystem for SledFs {
                 return Ok(());
             }
             let dst_is_dir = dst.kind == FileKind::Directory;
-            batch.insert(
-                store::dentry_key(self.vol, parent, name),
+            self.put_name(
+                &mut batch,
+                parent,
+                name,
                 DentryRecord {
                     ino: dst.ino,
                     kind: dst.kind,
                     cookie: src.cookie,
-                }
-                .encode(),
+                },
             );
-            batch.insert(
-                store::readdir_key(self.vol, parent, src.cookie),
-                store::encode_readdir(dst.ino, dst.kind, name),
-            );
-            batch.insert(
-                store::dentry_key(self.vol, newparent, newname),
+            self.put_name(
+                &mut batch,
+                newparent,
+                newname,
                 DentryRecord {
                     ino: src.ino,
                     kind: src.kind,
                     cookie: dst.cookie,
-                }
-                .encode(),
-            );
-            batch.insert(
-                store::readdir_key(self.vol, newparent, dst.cookie),
-                store::encode_readdir(src.ino, src.kind, newname),
+                },
             );
             if parent != newparent {
                 if src_is_dir {
@@ -969,25 +963,23 @@ impl FileSystem for SledFs {
             }
             dirty.get(d.ino).ctime = now;
         }
-        batch.remove(store::dentry_key(self.vol, parent, name));
-        batch.remove(store::readdir_key(self.vol, parent, src.cookie));
         let np = dirty.get(newparent);
         let cookie = np.next_cookie;
         np.next_cookie += 1;
         np.size += 1;
-        batch.insert(
-            store::dentry_key(self.vol, newparent, newname),
+        // The new name first: a reader finds the file under one name or the other.
+        self.put_name(
+            &mut batch,
+            newparent,
+            newname,
             DentryRecord {
                 ino: src.ino,
                 kind: src.kind,
                 cookie,
-            }
-            .encode(),
+            },
         );
-        batch.insert(
-            store::readdir_key(self.vol, newparent, cookie),
-            store::encode_readdir(src.ino, src.kind, newname),
-        );
+        batch.remove(store::dentry_key(self.vol, parent, name));
+        batch.remove(store::readdir_key(self.vol, parent, src.cookie));
         let p = dirty.get(parent);
         p.size = p.size.saturating_sub(1);
         if src_is_dir && parent != newparent {
