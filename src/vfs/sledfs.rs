@@ -7,6 +7,7 @@
 //! segments first, then one `apply_batch` that points at them, so a change is atomic and
 //! survives a crash whole or not at all.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -484,13 +485,13 @@ impl SledFs {
     fn append_chunks<'a>(
         &'a self,
         change: &mut Change<'a>,
-        chunks: &[(Vec<u8>, Vec<u8>)],
+        chunks: &[(Vec<u8>, Cow<'_, [u8]>)],
     ) -> FsResult<()> {
         let bytes: usize = chunks.iter().map(|(k, d)| k.len() + d.len() + 14).sum();
         self.store.check_space(bytes as u64)?;
         let pairs: Vec<(&[u8], &[u8])> = chunks
             .iter()
-            .map(|(k, d)| (k.as_slice(), d.as_slice()))
+            .map(|(k, d)| (k.as_slice(), d.as_ref()))
             .collect();
         let pending = self.store.chunks.append(&pairs).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -547,7 +548,7 @@ impl SledFs {
                         rec.stored = rec.stored.saturating_sub(cut);
                         self.used_bytes.fetch_sub(cut, Ordering::Relaxed);
                         let key = store::chunk_key(self.vol, ino, idx);
-                        self.append_chunks(change, &[(key, data)])?;
+                        self.append_chunks(change, &[(key, Cow::Owned(data))])?;
                         change.released.push(old);
                     }
                 }
@@ -595,7 +596,7 @@ impl SledFs {
                 let b = (end.min(ce) - cs) as usize;
                 d[a..b].fill(0);
                 change.released.push(old);
-                rewrites.push((k.to_vec(), d));
+                rewrites.push((k.to_vec(), Cow::Owned(d)));
             }
         }
         if !rewrites.is_empty() {
@@ -1111,7 +1112,7 @@ impl FileSystem for SledFs {
                     change.released.push(p);
                 }
                 grown += CHUNK_SIZE as i64;
-                src.to_vec()
+                Cow::Borrowed(src)
             } else {
                 let (mut buf, old_len) = match self.read_chunk(ino, idx)? {
                     Some((d, p)) => {
@@ -1127,7 +1128,7 @@ impl FileSystem for SledFs {
                 }
                 buf[(a - cs) as usize..need].copy_from_slice(src);
                 grown += buf.len() as i64 - old_len as i64;
-                buf
+                Cow::Owned(buf)
             };
             new_chunks.push((key, new));
             idx += 1;
