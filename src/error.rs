@@ -26,7 +26,6 @@ pub enum FsError {
     NoSeekData,
     Unsupported,
     TooManyLinks,
-    BadFd,
     /// Storage failure or corruption: the detail was logged where it happened.
     Io(String),
 }
@@ -56,7 +55,6 @@ impl FsError {
             FsError::NoSeekData => libc::ENXIO,
             FsError::Unsupported => libc::EOPNOTSUPP,
             FsError::TooManyLinks => libc::EMLINK,
-            FsError::BadFd => libc::EBADF,
             FsError::Io(_) => libc::EIO,
         }
     }
@@ -111,7 +109,6 @@ mod tests {
             (FsError::NoSeekData, libc::ENXIO),
             (FsError::Unsupported, libc::EOPNOTSUPP),
             (FsError::TooManyLinks, libc::EMLINK),
-            (FsError::BadFd, libc::EBADF),
             (FsError::Io("x".into()), libc::EIO),
         ];
         for (err, errno) in table {

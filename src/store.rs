@@ -459,22 +459,14 @@ fn prefix(vol: u64, tag: u8, id: u64, extra: usize) -> Vec<u8> {
     k
 }
 
-pub fn volume_prefix(vol: u64) -> Vec<u8> {
-    vol.to_be_bytes().to_vec()
-}
-
 pub fn tag_prefix(vol: u64, tag: u8) -> Vec<u8> {
-    let mut k = volume_prefix(vol);
+    let mut k = vol.to_be_bytes().to_vec();
     k.push(tag);
     k
 }
 
 pub fn inode_key(vol: u64, ino: u64) -> Vec<u8> {
     prefix(vol, TAG_INODE, ino, 0)
-}
-
-pub fn parse_inode_key(key: &[u8]) -> Option<u64> {
-    (key.len() == 17 && key[8] == TAG_INODE).then(|| be_u64(&key[9..17]))
 }
 
 pub fn dentry_key(vol: u64, parent: u64, name: &[u8]) -> Vec<u8> {
@@ -854,7 +846,6 @@ mod tests {
         assert!(chunk_key(1, 2, 255) < chunk_key(1, 2, 256));
         assert!(readdir_key(1, 2, 9) < readdir_key(1, 2, 10));
         assert_eq!(parse_chunk_key(&chunk_key(1, 2, 77)), Some(77));
-        assert_eq!(parse_inode_key(&inode_key(4, 99)), Some(99));
         assert_eq!(parse_readdir_key(&readdir_key(4, 5, 6)), Some(6));
         assert_eq!(parse_orphan_key(&orphan_key(4, 8)), Some(8));
         assert!(dentry_key(1, 2, b"a").starts_with(&dentry_prefix(1, 2)));

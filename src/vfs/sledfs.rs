@@ -509,10 +509,21 @@ impl SledFs {
         Ok(())
     }
 
-    fn chunks_from(&self, ino: Ino, first: u64) -> sled::Iter {
+    /// The stored chunks of `ino` with index in `first..=last`: `(index, key, pointer)`.
+    fn chunks_in(
+        &self,
+        ino: Ino,
+        first: u64,
+        last: u64,
+        what: &'static str,
+    ) -> impl Iterator<Item = FsResult<(u64, sled::IVec, sled::IVec)>> + '_ {
         let start = store::chunk_key(self.vol, ino, first);
-        let end = store::chunk_key(self.vol, ino, u64::MAX);
-        self.store.fs.range(start..=end)
+        let end = store::chunk_key(self.vol, ino, last);
+        self.store.fs.range(start..=end).map(move |item| {
+            let (k, v) = item.map_err(|e| FsError::storage(what, e))?;
+            let idx = store::parse_chunk_key(&k).unwrap_or(first);
+            Ok((idx, k, v))
+        })
     }
 
     /// Cuts the file to `new_size`: later chunks go, the last one is trimmed.
@@ -526,9 +537,8 @@ impl SledFs {
         if new_size < rec.size {
             let keep_partial = new_size % CHUNK_SIZE;
             let first_gone = new_size.div_ceil(CHUNK_SIZE);
-            for item in self.chunks_from(ino, first_gone) {
-                let (k, v) = item.map_err(|e| FsError::storage("truncating a file", e))?;
-                let idx = store::parse_chunk_key(&k).unwrap_or(0);
+            for item in self.chunks_in(ino, first_gone, u64::MAX, "truncating a file") {
+                let (idx, _, v) = item?;
                 let p = self.decode_ptr(ino, idx, &v)?;
                 rec.stored = rec.stored.saturating_sub(u64::from(p.len));
                 self.used_bytes
@@ -573,14 +583,8 @@ impl SledFs {
         }
         let last = (end - 1) / CHUNK_SIZE;
         let mut rewrites = Vec::new();
-        for item in self.chunks_from(ino, start / CHUNK_SIZE) {
-            let (k, v) = item.map_err(|e| FsError::storage("punching a hole", e))?;
-            let Some(idx) = store::parse_chunk_key(&k) else {
-                continue;
-            };
-            if idx > last {
-                break;
-            }
+        for item in self.chunks_in(ino, start / CHUNK_SIZE, last, "punching a hole") {
+            let (idx, k, v) = item?;
             let old = self.decode_ptr(ino, idx, &v)?;
             let cs = idx * CHUNK_SIZE;
             let ce = cs + u64::from(old.len);
@@ -1053,14 +1057,8 @@ impl FileSystem for SledFs {
         let end = rec.size.min(offset.saturating_add(u64::from(size)));
         let mut buf = vec![0u8; (end - offset) as usize];
         let last = (end - 1) / CHUNK_SIZE;
-        for item in self.chunks_from(ino, offset / CHUNK_SIZE) {
-            let (k, v) = item.map_err(|e| FsError::storage("reading file data", e))?;
-            let Some(idx) = store::parse_chunk_key(&k) else {
-                continue;
-            };
-            if idx > last {
-                break;
-            }
+        for item in self.chunks_in(ino, offset / CHUNK_SIZE, last, "reading file data") {
+            let (idx, k, v) = item?;
             let data = self.chunk_bytes(ino, idx, &k, &v)?;
             let cs = idx * CHUNK_SIZE;
             let a = offset.max(cs);
@@ -1202,7 +1200,7 @@ impl FileSystem for SledFs {
 
     fn statfs(&self) -> FsResult<StatFs> {
         const BSIZE: u64 = 4096;
-        let host = nix::sys::statvfs::statvfs(self.store_dir().as_path()).map_err(|e| {
+        let host = nix::sys::statvfs::statvfs(self.store.dir().as_path()).map_err(|e| {
             tracing::error!("statvfs of the store directory: {e}");
             FsError::Io(e.to_string())
         })?;
@@ -1351,13 +1349,8 @@ impl FileSystem for SledFs {
             return Err(FsError::NoSeekData);
         }
         let mut expect = offset / CHUNK_SIZE;
-        for item in self.chunks_from(ino, offset / CHUNK_SIZE) {
-            let k = item
-                .map_err(|e| FsError::storage("seeking in a file", e))?
-                .0;
-            let Some(idx) = store::parse_chunk_key(&k) else {
-                continue;
-            };
+        for item in self.chunks_in(ino, offset / CHUNK_SIZE, u64::MAX, "seeking in a file") {
+            let (idx, _, _) = item?;
             match whence {
                 libc::SEEK_DATA => return Ok(offset.max(idx * CHUNK_SIZE)),
                 libc::SEEK_HOLE if idx != expect => break,
@@ -1373,12 +1366,6 @@ impl FileSystem for SledFs {
 
     fn sync(&self) -> FsResult<()> {
         self.store.sync()
-    }
-}
-
-impl SledFs {
-    fn store_dir(&self) -> std::path::PathBuf {
-        self.store.dir()
     }
 }
 
