@@ -427,6 +427,12 @@ impl SledFs {
         );
     }
 
+    /// Removes a name: its entry and its readdir index key.
+    fn remove_name(&self, change: &mut Change<'_>, parent: Ino, name: &[u8], cookie: u64) {
+        change.remove(store::dentry_key(self.vol, parent, name));
+        change.remove(store::readdir_key(self.vol, parent, cookie));
+    }
+
     fn read_chunk(&self, ino: Ino, index: u64) -> FsResult<Option<(Vec<u8>, ChunkPtr)>> {
         let key = store::chunk_key(self.vol, ino, index);
         // A pointer read just before the compactor moved the chunk finds its segment gone:
@@ -825,8 +831,7 @@ impl FileSystem for SledFs {
         r.nlink = r.nlink.saturating_sub(1);
         r.ctime = now;
         let mut batch = Change::default();
-        batch.remove(store::dentry_key(self.vol, parent, name));
-        batch.remove(store::readdir_key(self.vol, parent, d.cookie));
+        self.remove_name(&mut batch, parent, name, d.cookie);
         self.release_if_unlinked(&mut batch, &dirty, d.ino)?;
         self.put_all(&mut batch, &dirty);
         self.commit(batch, "unlinking")
@@ -859,8 +864,7 @@ impl FileSystem for SledFs {
         r.nlink = 0;
         r.ctime = now;
         let mut batch = Change::default();
-        batch.remove(store::dentry_key(self.vol, parent, name));
-        batch.remove(store::readdir_key(self.vol, parent, d.cookie));
+        self.remove_name(&mut batch, parent, name, d.cookie);
         self.release_if_unlinked(&mut batch, &dirty, d.ino)?;
         self.put_all(&mut batch, &dirty);
         self.commit(batch, "removing a directory")
@@ -983,8 +987,7 @@ impl FileSystem for SledFs {
                 cookie,
             },
         );
-        batch.remove(store::dentry_key(self.vol, parent, name));
-        batch.remove(store::readdir_key(self.vol, parent, src.cookie));
+        self.remove_name(&mut batch, parent, name, src.cookie);
         let p = dirty.get(parent);
         p.size = p.size.saturating_sub(1);
         if src_is_dir && parent != newparent {
