@@ -23,6 +23,9 @@ struct Args {
     /// Control socket for the `volfs` CLI (mode 0600).
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Run as the keeper of FUSE connections for ROOT (started by the daemon itself).
+    #[arg(long, hide = true)]
+    keeper: bool,
 }
 
 fn main() {
@@ -40,6 +43,9 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if args.keeper {
+        return volfs::keeper::serve(&args.root).map_err(anyhow::Error::msg);
+    }
     // Signals are taken synchronously by the main thread; every other thread inherits the
     // mask, so none of them is interrupted.
     let mut signals = SigSet::empty();
@@ -47,11 +53,20 @@ fn run(args: Args) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.thread_block().context("blocking signals")?;
 
-    let registry = Arc::new(Registry::open(&args.root).map_err(anyhow::Error::msg)?);
+    // The socket first: it also tells whether another daemon already serves.
     let listener = bind(&args.socket)?;
+    let registry = match Registry::open(&args.root) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            let _ = std::fs::remove_file(&args.socket);
+            bail!(e);
+        }
+    };
+    registry.watch_keeper();
     tracing::info!(root = %args.root.display(), socket = %args.socket.display(), "volfs-mountd ready");
 
     let reg = registry.clone();
+    let socket = args.socket.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -59,9 +74,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 match conn {
                     Ok(stream) => {
                         let reg = reg.clone();
+                        let socket = socket.clone();
                         let _ = std::thread::Builder::new()
                             .name("control-conn".into())
-                            .spawn(move || serve(&reg, stream));
+                            .spawn(move || serve(&reg, stream, &socket));
                     }
                     Err(e) => tracing::warn!("accepting a control connection: {e}"),
                 }
@@ -70,11 +86,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("starting the control thread")?;
 
     let sig = signals.wait().context("waiting for signals")?;
-    tracing::info!("{sig:?}: unmounting everything and flushing the store");
-    registry.shutdown();
+    tracing::info!("{sig:?}: stopping; the mounts stay and wait for the next volfs-mountd");
     let _ = std::fs::remove_file(&args.socket);
+    registry.stop_for_restart();
     tracing::info!("volfs-mountd stopped cleanly");
-    Ok(())
+    // Not returning through main: session threads are parked on purpose.
+    std::process::exit(0)
 }
 
 fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
@@ -103,11 +120,19 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-fn serve(registry: &Registry, stream: UnixStream) {
+fn serve(registry: &Registry, stream: UnixStream, socket: &Path) {
     let mut line = Vec::new();
     let mut reader = BufReader::new((&stream).take(api::MAX_REQUEST as u64 + 1));
     let response = match reader.read_until(b'\n', &mut line) {
         Ok(_) => match api::decode_request(line.trim_ascii()) {
+            Ok(api::Request::Shutdown) => {
+                tracing::info!("shutdown requested: unmounting everything");
+                let _ = std::fs::remove_file(socket);
+                registry.shutdown();
+                let _ = (&stream).write_all(b"{\"ok\":true}\n");
+                tracing::info!("volfs-mountd shut down");
+                std::process::exit(0);
+            }
             Ok(req) => {
                 tracing::debug!(?req, "control request");
                 registry.handle(req)

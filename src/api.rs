@@ -6,6 +6,7 @@
 //! → {"op":"ls"}                              ← {"ok":true,"volumes":[...]}
 //! → {"op":"mount","name":"data","path":"/mnt/d","read_only":false}   ← {"ok":true}
 //! → {"op":"umount","path":"/mnt/d"}          ← {"ok":true}
+//! → {"op":"shutdown"}                        ← {"ok":true}   (after unmounting everything)
 //! ← {"ok":false,"error":"what failed, on what, and what to do"}
 //! ```
 
@@ -38,6 +39,8 @@ pub enum Request {
     Umount {
         path: PathBuf,
     },
+    /// Unmount everything, stop the keeper and exit (the mount table is kept).
+    Shutdown,
 }
 
 /// One mount of a volume.

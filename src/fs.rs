@@ -5,10 +5,13 @@
 //! and enforces the mount's read-only flag itself, so EROFS holds even for root and even if
 //! the kernel's own `ro` flag were bypassed.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -23,23 +26,31 @@ use fuser::{
 use crate::error::{FsError, FsResult};
 use crate::vfs::{Attr, Ctx, FileKind, FileSystem, RenameFlags, SetAttr, SetTime, Timestamp};
 
-/// How long the kernel may cache entries and attributes. Every change to a volume goes
-/// through a mount on this host: that mount's kernel cache follows it by itself, and the
-/// volume's other mounts are told to drop what it changed ([`Peers`]) before the change is
-/// acknowledged. The TTL is only a backstop.
+/// How long the kernel may cache entries and attributes while a volume has one mount: every
+/// change then goes through that mount's kernel, which keeps its cache right by itself.
+/// With several mounts, replies carry a TTL of zero instead (see [`Peers`]).
 const TTL: Duration = Duration::from_secs(60);
-/// FUSE event loops per mount, each with its own cloned `/dev/fuse` descriptor.
+/// FUSE event loops per mount. They share one `/dev/fuse` descriptor (no clone_fd): the
+/// kernel keeps a request that a dying daemon had read on that descriptor's processing
+/// list, and FUSE_NOTIFY_RESEND from the next daemon queues it again. A cloned descriptor
+/// would end such requests with ECONNABORTED when the daemon dies.
 const LOOPS: usize = 4;
 const MAX_WRITE: u32 = 1024 * 1024;
+/// Notification codes of Linux ≥ 6.9 / 6.16 that fuser 0.18 cannot send.
+const FUSE_NOTIFY_RESEND: i32 = 7;
+const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// One mount of a volume.
 pub struct FuseAdapter<F: FileSystem> {
     fs: Arc<F>,
     read_only: bool,
-    notifier: Arc<OnceLock<Notifier>>,
     peers: Arc<Peers>,
-    /// This mount's id among `peers`, set once it serves.
-    me: Arc<OnceLock<u64>>,
+    me: Arc<MountState>,
+    gate: Arc<Gate>,
 }
 
 /// Mount-time settings of one mount.
@@ -49,22 +60,151 @@ pub struct MountSpec<'a> {
     pub read_only: bool,
     /// The other mounts of the same volume.
     pub peers: Arc<Peers>,
+    /// The daemon-wide request gate.
+    pub gate: Arc<Gate>,
 }
 
-/// The live mounts of one volume. A change made through one mount is followed by
-/// invalidations of what the others' kernels cache of it (attributes, page ranges,
-/// names), sent from a thread of its own: sending from the handler, before or after its
-/// reply, can deadlock, since each kernel holds directory locks while it waits for this
-/// daemon, and two mounts invalidating each other would wait on each other.
+/// Lets the daemon stop answering before it exits: requests that arrive after
+/// [`Gate::freeze`] wait unanswered, and the next daemon has the kernel resend them.
+#[derive(Default)]
+pub struct Gate {
+    frozen: AtomicBool,
+    active: AtomicU64,
+}
+
+pub struct GatePass<'a>(&'a Gate);
+
+impl Drop for GatePass<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Gate {
+    fn enter(&self) -> GatePass<'_> {
+        loop {
+            self.active.fetch_add(1, Ordering::SeqCst);
+            if !self.frozen.load(Ordering::SeqCst) {
+                return GatePass(self);
+            }
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            // The process is about to exit; this request stays unanswered on purpose.
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+
+    pub fn frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    /// Stops new requests and waits (up to `limit`) for those being answered.
+    pub fn freeze(&self, limit: Duration) -> bool {
+        self.frozen.store(true, Ordering::SeqCst);
+        let t0 = std::time::Instant::now();
+        while self.active.load(Ordering::SeqCst) > 0 {
+            if t0.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+}
+
+/// What one mount's kernel is known to cache, so that it can be told to drop it.
+pub struct MountState {
+    id: u64,
+    /// The connection, for notifications fuser cannot send.
+    dev: OwnedFd,
+    notifier: OnceLock<Notifier>,
+    /// Inode → lookup count the kernel holds (entry replies minus forgets), sharded.
+    known: Vec<Mutex<HashMap<u64, u64>>>,
+    /// Served by an earlier daemon too: `known` misses what the kernel looked up then.
+    resumed: bool,
+}
+
+const SHARDS: usize = 16;
+
+impl MountState {
+    fn new(id: u64, dev: OwnedFd, resumed: bool) -> MountState {
+        MountState {
+            id,
+            dev,
+            notifier: OnceLock::new(),
+            known: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            resumed,
+        }
+    }
+
+    fn shard(&self, ino: u64) -> MutexGuard<'_, HashMap<u64, u64>> {
+        lock(&self.known[(ino as usize) % SHARDS])
+    }
+
+    fn looked_up(&self, ino: u64) {
+        *self.shard(ino).entry(ino).or_insert(0) += 1;
+    }
+
+    /// True once the kernel holds no lookup of `ino` any more (as far as this daemon saw).
+    fn forgot(&self, ino: u64, n: u64) -> bool {
+        let mut m = self.shard(ino);
+        match m.get_mut(&ino) {
+            Some(c) if *c > n => {
+                *c -= n;
+                false
+            }
+            _ => {
+                m.remove(&ino);
+                true
+            }
+        }
+    }
+
+    fn known_inodes(&self) -> Vec<u64> {
+        self.known
+            .iter()
+            .flat_map(|s| lock(s).keys().copied().collect::<Vec<_>>())
+            .collect()
+    }
+
+    fn notify_raw(&self, code: i32) -> std::io::Result<()> {
+        notify_raw(self.dev.as_fd(), code)
+    }
+}
+
+/// Writes a payload-less notification (fuse_out_header with unique 0, error = code).
+fn notify_raw(fd: BorrowedFd<'_>, code: i32) -> std::io::Result<()> {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    b[4..8].copy_from_slice(&code.to_ne_bytes());
+    nix::unistd::write(fd, &b)
+        .map(|_| ())
+        .map_err(std::io::Error::from)
+}
+
+/// The live mounts of one volume.
+///
+/// Coherence between mounts: while a volume has more than one mount, every entry and
+/// attribute reply carries a TTL of zero and the kernel runs with FUSE_AUTO_INVAL_DATA (no
+/// writeback cache), so each lookup, stat and read asks this daemon first and drops cached
+/// pages whose mtime or size changed: a change acknowledged through one mount is seen by
+/// the next call through any other. When a second mount arrives, the first one's kernel
+/// still holds long TTLs; [`Peers::prepare_join`] makes it drop them (dentry epoch and
+/// attribute invalidation) before the new mount is made. Invalidations after each change
+/// are also sent from a thread of their own (for mmap'd pages); sending them from the
+/// handler could deadlock, since each kernel holds directory and page locks while it waits
+/// for this daemon.
 pub struct Peers {
-    next: std::sync::atomic::AtomicU64,
-    mounts: Arc<std::sync::Mutex<Vec<(u64, Notifier)>>>,
-    queue: std::sync::Mutex<std::sync::mpsc::Sender<(u64, Vec<Inval>)>>,
+    next: AtomicU64,
+    mounts: Arc<Mutex<Vec<Arc<MountState>>>>,
+    multi: AtomicBool,
+    /// Handlers that chose the long TTL and have not replied yet.
+    granting: AtomicU64,
+    queue: Mutex<std::sync::mpsc::Sender<(u64, Vec<Inval>)>>,
 }
 
 impl Default for Peers {
     fn default() -> Peers {
-        let mounts: Arc<std::sync::Mutex<Vec<(u64, Notifier)>>> = Arc::default();
+        let mounts: Arc<Mutex<Vec<Arc<MountState>>>> = Arc::default();
         let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<Inval>)>();
         let list = mounts.clone();
         // Ends when the volume's Peers is dropped (the channel closes).
@@ -72,12 +212,13 @@ impl Default for Peers {
             .name("invalidate".into())
             .spawn(move || {
                 for (from, what) in rx {
-                    let others: Vec<Notifier> = lock_list(&list)
+                    let others: Vec<Arc<MountState>> = lock(&list)
                         .iter()
-                        .filter(|(i, _)| *i != from)
-                        .map(|(_, n)| n.clone())
+                        .filter(|m| m.id != from)
+                        .cloned()
                         .collect();
-                    for n in others {
+                    for m in others {
+                        let Some(n) = m.notifier.get() else { continue };
                         for w in &what {
                             // ENOENT: that kernel does not cache it; nothing to forget.
                             let _ = match w {
@@ -93,37 +234,100 @@ impl Default for Peers {
                 }
             });
         Peers {
-            next: std::sync::atomic::AtomicU64::new(0),
+            next: AtomicU64::new(0),
             mounts,
-            queue: std::sync::Mutex::new(tx),
+            multi: AtomicBool::new(false),
+            granting: AtomicU64::new(0),
+            queue: Mutex::new(tx),
         }
     }
 }
 
-fn lock_list(
-    m: &std::sync::Mutex<Vec<(u64, Notifier)>>,
-) -> std::sync::MutexGuard<'_, Vec<(u64, Notifier)>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// A reply's cache lifetime, held until the reply is sent.
+struct Ttl<'a> {
+    ttl: Duration,
+    peers: Option<&'a Peers>,
+}
+
+impl Drop for Ttl<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.peers {
+            p.granting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Peers {
-    fn join(&self, n: Notifier) -> u64 {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        lock_list(&self.mounts).push((id, n));
-        id
+    fn ttl(&self) -> Ttl<'_> {
+        self.granting.fetch_add(1, Ordering::SeqCst);
+        if self.multi.load(Ordering::SeqCst) {
+            self.granting.fetch_sub(1, Ordering::SeqCst);
+            return Ttl {
+                ttl: Duration::ZERO,
+                peers: None,
+            };
+        }
+        Ttl {
+            ttl: TTL,
+            peers: Some(self),
+        }
     }
 
-    fn leave(&self, id: u64) {
-        lock_list(&self.mounts).retain(|(i, _)| *i != id);
+    pub fn count(&self) -> usize {
+        lock(&self.mounts).len()
+    }
+
+    /// Called before another mount of the volume is made: from now on replies carry no
+    /// TTL, and the present mounts' kernels drop what they were allowed to cache longer.
+    /// `all_inodes` lists the volume's inodes, for mounts an earlier daemon served.
+    pub fn prepare_join(&self, all_inodes: impl Fn() -> Vec<u64>) {
+        self.multi.store(true, Ordering::SeqCst);
+        // Wait out replies that chose a long TTL before the switch; none of them blocks.
+        while self.granting.load(Ordering::SeqCst) > 0 {
+            std::thread::yield_now();
+        }
+        let present: Vec<Arc<MountState>> = lock(&self.mounts).clone();
+        for m in present {
+            if let Err(e) = m.notify_raw(FUSE_NOTIFY_INC_EPOCH) {
+                tracing::warn!("dropping cached names of a mount failed: {e}");
+            }
+            let Some(n) = m.notifier.get() else { continue };
+            let mut inos = if m.resumed {
+                all_inodes()
+            } else {
+                m.known_inodes()
+            };
+            inos.push(crate::store::ROOT_INO);
+            for ino in inos {
+                // Attributes only: no page lock is taken, so this cannot wait on a request.
+                let _ = n.inval_inode(INodeNo(ino), -1, 0);
+            }
+        }
+    }
+
+    fn join(&self, m: Arc<MountState>) {
+        let mut l = lock(&self.mounts);
+        l.push(m);
+        if l.len() > 1 {
+            self.multi.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// After a mount is gone (or failed to start).
+    pub fn leave(&self, id: u64) {
+        let mut l = lock(&self.mounts);
+        l.retain(|m| m.id != id);
+        if l.len() <= 1 {
+            self.multi.store(false, Ordering::SeqCst);
+        }
     }
 
     fn has_others(&self, me: u64) -> bool {
-        lock_list(&self.mounts).iter().any(|(i, _)| *i != me)
+        lock(&self.mounts).iter().any(|m| m.id != me)
     }
 
     fn send(&self, from: u64, what: Vec<Inval>) {
-        let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = q.send((from, what));
+        let _ = lock(&self.queue).send((from, what));
     }
 }
 
@@ -139,12 +343,12 @@ enum Inval {
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     peers: Arc<Peers>,
-    id: u64,
+    state: Arc<MountState>,
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        self.peers.leave(self.id);
+        self.peers.leave(self.state.id);
     }
 }
 
@@ -169,6 +373,16 @@ impl Mounted {
             }
         }
     }
+
+    /// Has the kernel queue again the requests an earlier daemon read but never answered.
+    pub fn resend(&self) -> std::io::Result<()> {
+        self.state.notify_raw(FUSE_NOTIFY_RESEND)
+    }
+
+    /// The connection's descriptor (for the keeper).
+    pub fn device(&self) -> BorrowedFd<'_> {
+        self.state.dev.as_fd()
+    }
 }
 
 /// Lazily detaches a mount; harmless if nothing is mounted there.
@@ -176,11 +390,29 @@ pub fn detach(mountpoint: &Path) {
     let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
 }
 
+/// True if the FUSE connection behind `dev` was aborted (its mount is gone).
+pub fn connection_dead(dev: BorrowedFd<'_>) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(dev, PollFlags::empty())];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)),
+        Err(_) => true,
+    }
+}
+
+fn session_config() -> Config {
+    let mut config = Config::default();
+    config.n_threads = Some(LOOPS);
+    config.clone_fd = false;
+    config
+}
+
 /// Mounts `fs` at the spec's mountpoint as type `fuse.volfs` and serves it from
 /// background threads.
 pub fn mount<F: FileSystem>(fs: Arc<F>, spec: &MountSpec<'_>) -> std::io::Result<Mounted> {
     use nix::mount::MsFlags;
-    use std::os::fd::{AsRawFd, OwnedFd};
 
     let dev = std::fs::OpenOptions::new()
         .read(true)
@@ -207,37 +439,109 @@ pub fn mount<F: FileSystem>(fs: Arc<F>, spec: &MountSpec<'_>) -> std::io::Result
         Some(data.as_str()),
     )
     .map_err(std::io::Error::from)?;
-    let mut config = Config::default();
-    config.n_threads = Some(LOOPS);
-    config.clone_fd = true;
-    let notifier = Arc::new(OnceLock::new());
-    let me = Arc::new(OnceLock::new());
-    let adapter = FuseAdapter {
+    let dev = OwnedFd::from(dev);
+    let started = dev.try_clone().and_then(|keep| {
+        let state = Arc::new(MountState::new(
+            spec.peers.next.fetch_add(1, Ordering::Relaxed),
+            keep,
+            false,
+        ));
+        let session = fuser::Session::from_fd(
+            adapter(fs, spec, state.clone()),
+            dev,
+            SessionACL::All,
+            session_config(),
+        )?;
+        serve(session, spec, state)
+    });
+    started.inspect_err(|_| detach(spec.mountpoint))
+}
+
+/// Serves a connection an earlier daemon set up (and the keeper held on to). The kernel
+/// finished FUSE_INIT with that daemon long ago, so fuser's handshake is fed a stand-in
+/// INIT over a socket pair whose descriptor number is then pointed at the connection.
+pub fn resume<F: FileSystem>(
+    fs: Arc<F>,
+    spec: &MountSpec<'_>,
+    dev: OwnedFd,
+) -> std::io::Result<Mounted> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    nix::unistd::write(&ours, &stand_in_init())?;
+    let theirs_raw = theirs.as_raw_fd();
+    let state = Arc::new(MountState::new(
+        spec.peers.next.fetch_add(1, Ordering::Relaxed),
+        dev,
+        true,
+    ));
+    let session = fuser::Session::from_fd(
+        adapter(fs, spec, state.clone()),
+        theirs,
+        SessionACL::All,
+        session_config(),
+    )?;
+    drop(ours);
+    // The session now reads and writes descriptor `theirs_raw`: make it the connection.
+    nix::unistd::dup3(
+        state.dev.as_raw_fd(),
+        theirs_raw,
+        nix::fcntl::OFlag::O_CLOEXEC,
+    )?;
+    serve(session, spec, state)
+}
+
+/// fuse_in_header + fuse_init_in for protocol 7.40 offering every capability volfs asks for.
+fn stand_in_init() -> Vec<u8> {
+    const FUSE_INIT: u32 = 26;
+    let mut b = Vec::with_capacity(104);
+    b.extend_from_slice(&104u32.to_ne_bytes()); // len
+    b.extend_from_slice(&FUSE_INIT.to_ne_bytes());
+    b.extend_from_slice(&1u64.to_ne_bytes()); // unique
+    b.extend_from_slice(&0u64.to_ne_bytes()); // nodeid
+    b.extend_from_slice(&[0u8; 16]); // uid, gid, pid, total_extlen, padding
+    b.extend_from_slice(&7u32.to_ne_bytes());
+    b.extend_from_slice(&40u32.to_ne_bytes());
+    b.extend_from_slice(&MAX_WRITE.to_ne_bytes()); // max_readahead
+    b.extend_from_slice(&u32::MAX.to_ne_bytes()); // flags
+    b.extend_from_slice(&0u32.to_ne_bytes()); // flags2
+    b.extend_from_slice(&[0u8; 44]);
+    b
+}
+
+fn adapter<F: FileSystem>(
+    fs: Arc<F>,
+    spec: &MountSpec<'_>,
+    state: Arc<MountState>,
+) -> FuseAdapter<F> {
+    FuseAdapter {
         fs,
         read_only: spec.read_only,
-        notifier: notifier.clone(),
         peers: spec.peers.clone(),
-        me: me.clone(),
-    };
-    let started = fuser::Session::from_fd(adapter, OwnedFd::from(dev), SessionACL::All, config)
-        .and_then(|session| {
-            let n = session.notifier();
-            let _ = notifier.set(n.clone());
-            let id = spec.peers.join(n);
-            let _ = me.set(id);
-            session
-                .spawn()
-                .map(|s| (s, id))
-                .inspect_err(|_| spec.peers.leave(id))
-        });
-    match started {
-        Ok((session, id)) => Ok(Mounted {
-            session: Some(session),
+        me: state,
+        gate: spec.gate.clone(),
+    }
+}
+
+fn serve<F: FileSystem>(
+    session: fuser::Session<FuseAdapter<F>>,
+    spec: &MountSpec<'_>,
+    state: Arc<MountState>,
+) -> std::io::Result<Mounted> {
+    let _ = state.notifier.set(session.notifier());
+    spec.peers.join(state.clone());
+    match session.spawn() {
+        Ok(s) => Ok(Mounted {
+            session: Some(s),
             peers: spec.peers.clone(),
-            id,
+            state,
         }),
         Err(e) => {
-            detach(spec.mountpoint);
+            spec.peers.leave(state.id);
             Err(e)
         }
     }
@@ -301,13 +605,6 @@ fn set_time(t: TimeOrNow) -> SetTime {
     }
 }
 
-fn entry(reply: ReplyEntry, r: FsResult<Attr>) {
-    match r {
-        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-        Err(e) => reply.error(errno(&e)),
-    }
-}
-
 fn empty(reply: ReplyEmpty, r: FsResult<()>) {
     match r {
         Ok(()) => reply.ok(),
@@ -328,15 +625,35 @@ impl<F: FileSystem> FuseAdapter<F> {
     /// Makes the volume's other mounts forget what a change made stale (asynchronously,
     /// see [`Peers`]).
     fn tell_others(&self, what: Vec<Inval>) {
-        if let Some(me) = self.me.get() {
-            if self.peers.has_others(*me) {
-                self.peers.send(*me, what);
-            }
+        if self.peers.has_others(self.me.id) {
+            self.peers.send(self.me.id, what);
         }
     }
 
     fn has_peers(&self) -> bool {
-        self.me.get().is_some_and(|me| self.peers.has_others(*me))
+        self.peers.has_others(self.me.id)
+    }
+
+    /// Replies with an entry; the kernel then holds one more lookup of it.
+    fn entry(&self, reply: ReplyEntry, r: FsResult<Attr>) {
+        match r {
+            Ok(a) => {
+                let ttl = self.peers.ttl();
+                self.me.looked_up(a.ino);
+                reply.entry(&ttl.ttl, &file_attr(&a), Generation(0));
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn attr(&self, reply: ReplyAttr, r: FsResult<Attr>) {
+        match r {
+            Ok(a) => {
+                let ttl = self.peers.ttl();
+                reply.attr(&ttl.ttl, &file_attr(&a));
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     /// After a new name: the parent's attributes (mtime, nlink) changed.
@@ -382,7 +699,9 @@ impl<F: FileSystem> FuseAdapter<F> {
 impl<F: FileSystem> Filesystem for FuseAdapter<F> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         for cap in [
-            InitFlags::FUSE_WRITEBACK_CACHE,
+            // No writeback cache: with it the kernel trusts its own file size and mtime
+            // over this daemon's, and other mounts of the volume could not see changes.
+            InitFlags::FUSE_AUTO_INVAL_DATA,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
@@ -412,15 +731,24 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         }
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _pass = self.gate.enter();
+        // With one mount, a forgotten inode is held by no kernel: an orphan can go.
+        if self.me.forgot(ino.0, nlookup) && !self.has_peers() {
+            if let Err(e) = self.fs.forget(ino.0) {
+                tracing::warn!(ino = ino.0, "reclaiming a forgotten inode: {e}");
+            }
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
+        let _pass = self.gate.enter();
+        self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let _pass = self.gate.enter();
+        self.attr(reply, self.fs.getattr(ino.0));
     }
 
     fn setattr(
@@ -441,6 +769,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _pass = self.gate.enter();
         let set = SetAttr {
             mode,
             uid,
@@ -457,13 +786,11 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             let off = if size.is_some() { 0 } else { -1 };
             self.tell_others(vec![Inval::Inode(ino.0, off, 0)]);
         }
-        match r {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.attr(reply, r);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _pass = self.gate.enter();
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
@@ -480,11 +807,12 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _pass = self.gate.enter();
         let r = self.writable().and_then(|()| {
             self.fs
                 .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, rdev)
         });
-        entry(reply, self.told_new_entry(parent.0, r));
+        self.entry(reply, self.told_new_entry(parent.0, r));
     }
 
     fn mkdir(
@@ -496,14 +824,16 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _pass = self.gate.enter();
         let r = self.writable().and_then(|()| {
             self.fs
                 .mkdir(&ctx(req), parent.0, name.as_bytes(), mode, umask)
         });
-        entry(reply, self.told_new_entry(parent.0, r));
+        self.entry(reply, self.told_new_entry(parent.0, r));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         let child = self.peer_child(parent.0, name.as_bytes());
         let r = self
             .writable()
@@ -515,6 +845,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         let child = self.peer_child(parent.0, name.as_bytes());
         let r = self
             .writable()
@@ -533,6 +864,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _pass = self.gate.enter();
         let r = self.writable().and_then(|()| {
             self.fs.symlink(
                 &ctx(req),
@@ -541,7 +873,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                 target.as_os_str().as_bytes(),
             )
         });
-        entry(reply, self.told_new_entry(parent.0, r));
+        self.entry(reply, self.told_new_entry(parent.0, r));
     }
 
     fn rename(
@@ -554,6 +886,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         flags: fuser::RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         let known = fuser::RenameFlags::RENAME_NOREPLACE | fuser::RenameFlags::RENAME_EXCHANGE;
         let replaced = self.peer_child(newparent.0, newname.as_bytes());
         let r = self.writable().and_then(|()| {
@@ -587,13 +920,15 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _pass = self.gate.enter();
         let r = self
             .writable()
             .and_then(|()| self.fs.link(ino.0, newparent.0, newname.as_bytes()));
-        entry(reply, self.told_new_entry(newparent.0, r));
+        self.entry(reply, self.told_new_entry(newparent.0, r));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.gate.enter();
         let wants_write =
             !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY) || flags.0 & libc::O_TRUNC != 0;
         let r = if wants_write { self.writable() } else { Ok(()) };
@@ -616,6 +951,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _pass = self.gate.enter();
         match self.fs.read(ino.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
@@ -634,6 +970,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _pass = self.gate.enter();
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         match self
             .writable()
@@ -655,6 +992,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         reply.ok();
     }
 
@@ -668,6 +1006,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         empty(reply, self.fs.release(ino.0));
     }
 
@@ -679,11 +1018,12 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         let r = self.fs.sync();
         if r.is_ok() {
             // With the writeback cache the kernel keeps its own attributes; have it fetch
             // st_blocks (now final) again. Attributes only: no lock the fsync holds.
-            if let Some(n) = self.notifier.get() {
+            if let Some(n) = self.me.notifier.get() {
                 let _ = n.inval_inode(ino, -1, 0);
             }
         }
@@ -691,6 +1031,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.gate.enter();
         match self.fs.open(ino.0) {
             Ok(a) if a.kind != FileKind::Directory => reply.error(Errno::ENOTDIR),
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
@@ -706,6 +1047,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _pass = self.gate.enter();
         match self.fs.readdir(ino.0, offset, 1024) {
             Ok(entries) => {
                 for e in entries {
@@ -732,19 +1074,26 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _pass = self.gate.enter();
         match self.fs.readdir(ino.0, offset, 256) {
             Ok(entries) => {
+                let ttl = self.peers.ttl();
                 for e in entries {
                     // An entry removed since the listing began is simply left out.
                     let Ok(a) = self.fs.getattr(e.ino) else {
                         continue;
                     };
                     let name = OsStr::from_bytes(&e.name);
+                    // The kernel takes a lookup of every entry but "." and "..", even of
+                    // those that do not fit in the caller's buffer.
+                    if e.name != b"." && e.name != b".." {
+                        self.me.looked_up(e.ino);
+                    }
                     if reply.add(
                         INodeNo(e.ino),
                         e.cookie,
                         name,
-                        &TTL,
+                        &ttl.ttl,
                         &file_attr(&a),
                         Generation(0),
                     ) {
@@ -765,6 +1114,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         empty(reply, self.fs.release(ino.0));
     }
 
@@ -776,10 +1126,12 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         empty(reply, self.fs.sync());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _pass = self.gate.enter();
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
@@ -798,6 +1150,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         let r = self.writable().and_then(|()| {
             self.fs
                 .setxattr(&ctx(req), ino.0, name.as_bytes(), value, flags)
@@ -809,14 +1162,17 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _pass = self.gate.enter();
         xattr_reply(reply, size, self.fs.getxattr(ino.0, name.as_bytes()));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _pass = self.gate.enter();
         xattr_reply(reply, size, self.fs.listxattr(ino.0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         let r = self
             .writable()
             .and_then(|()| self.fs.removexattr(ino.0, name.as_bytes()));
@@ -827,6 +1183,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         let r = if mask.contains(AccessFlags::W_OK) {
             self.writable()
         } else {
@@ -845,6 +1202,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let _pass = self.gate.enter();
         let r = self.writable().and_then(|()| {
             let mode = (mode & 0o7777) | libc::S_IFREG;
             let a = self
@@ -854,18 +1212,23 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         });
         let r = self.told_new_entry(parent.0, r);
         match r {
-            Ok(a) => reply.created(
-                &TTL,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok(a) => {
+                let ttl = self.peers.ttl();
+                self.me.looked_up(a.ino);
+                reply.created(
+                    &ttl.ttl,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {
+        let _pass = self.gate.enter();
         reply.error(Errno::from_i32(libc::EOPNOTSUPP));
     }
 
@@ -880,6 +1243,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
+        let _pass = self.gate.enter();
         reply.error(Errno::ENOTTY);
     }
 
@@ -893,6 +1257,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _flags: PollFlags,
         reply: ReplyPoll,
     ) {
+        let _pass = self.gate.enter();
         // Regular files are always ready, as on a local filesystem.
         let ready = PollEvents::POLLIN
             | PollEvents::POLLOUT
@@ -911,6 +1276,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         let r = self
             .writable()
             .and_then(|()| self.fs.fallocate(ino.0, offset, length, mode));
@@ -929,6 +1295,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _pass = self.gate.enter();
         let r = match (u64::try_from(offset), whence) {
             (Ok(off), libc::SEEK_DATA | libc::SEEK_HOLE) => self.fs.lseek(ino.0, off, whence),
             (Err(_), libc::SEEK_DATA | libc::SEEK_HOLE) => Err(FsError::NoSeekData),
@@ -953,6 +1320,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _pass = self.gate.enter();
         // The kernel falls back to copying through the page cache.
         reply.error(Errno::from_i32(libc::EOPNOTSUPP));
     }

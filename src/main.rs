@@ -32,6 +32,8 @@ enum Cmd {
     },
     /// Unmount a volfs mountpoint.
     Umount { path: PathBuf },
+    /// Unmount everything and stop volfs-mountd (the next start mounts them again).
+    Shutdown,
 }
 
 fn main() {
@@ -62,6 +64,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Umount { path } => Request::Umount {
             path: absolute(path)?,
         },
+        Cmd::Shutdown => Request::Shutdown,
     };
     let resp = api::call(&cli.socket, &req)?;
     if !resp.ok {
@@ -94,6 +97,6 @@ fn print(req: &Request, resp: &Response) {
                 println!("{:width$}  {}", v.name, mounts.join(", "));
             }
         }
-        Request::Mount { .. } | Request::Umount { .. } => {}
+        Request::Mount { .. } | Request::Umount { .. } | Request::Shutdown => {}
     }
 }

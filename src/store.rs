@@ -15,6 +15,7 @@
 //! | `fs`      | `vol:u64 'x' ino:u64 name`                   | xattr value                        |
 //! | `fs`      | `vol:u64 'o' ino:u64`                        | empty: inode unlinked while open   |
 //! | `intents` | sequence:u64                                 | a multi-key change being applied ([`Store::commit`]) |
+//! | `mounts`  | mountpoint path (bytes)                      | [`MountRecord`]: the daemon's mount table |
 //!
 //! Chunk bytes live in append-only segment files (`crate::chunks`), each version written
 //! once; the `c` key points at the current version.
@@ -57,6 +58,8 @@ pub struct Store {
     pub db: sled::Db,
     pub fs: sled::Tree,
     pub volumes: sled::Tree,
+    /// The mount table: what the daemon serves again after a restart.
+    pub mounts: sled::Tree,
     /// Multi-key changes being applied (see [`Store::commit`]).
     intents: sled::Tree,
     intent_seq: Arc<std::sync::atomic::AtomicU64>,
@@ -97,6 +100,9 @@ impl Store {
         let volumes = db
             .open_tree("volumes")
             .map_err(|e| format!("cannot open tree volumes: {e}"))?;
+        let mounts = db
+            .open_tree("mounts")
+            .map_err(|e| format!("cannot open tree mounts: {e}"))?;
         let intents = db
             .open_tree("intents")
             .map_err(|e| format!("cannot open tree intents: {e}"))?;
@@ -116,6 +122,7 @@ impl Store {
             db,
             fs,
             volumes,
+            mounts,
             intents,
             intent_seq: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             chunks: Arc::new(chunks),
@@ -522,6 +529,10 @@ pub fn orphan_key(vol: u64, ino: u64) -> Vec<u8> {
     prefix(vol, TAG_ORPHAN, ino, 0)
 }
 
+pub fn parse_inode_key(key: &[u8]) -> Option<u64> {
+    (key.len() == 17 && key[8] == TAG_INODE).then(|| be_u64(&key[9..17]))
+}
+
 pub fn parse_orphan_key(key: &[u8]) -> Option<u64> {
     (key.len() == 17 && key[8] == TAG_ORPHAN).then(|| be_u64(&key[9..17]))
 }
@@ -781,6 +792,13 @@ pub fn decode_readdir(b: &[u8]) -> Option<(u64, FileKind, &[u8])> {
         return None;
     }
     Some((be_u64(b), FileKind::from_u8(b[8])?, &b[9..]))
+}
+
+/// One row of the mount table (tree `mounts`), JSON.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MountRecord {
+    pub volume: String,
+    pub read_only: bool,
 }
 
 /// A volume's record in the `volumes` tree.

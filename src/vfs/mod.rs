@@ -135,6 +135,10 @@ pub trait FileSystem: Send + Sync + 'static {
     /// Counts an open handle: an unlinked inode lives until its last handle is released.
     fn open(&self, ino: Ino) -> FsResult<Attr>;
     fn release(&self, ino: Ino) -> FsResult<()>;
+    /// The volume's only mount no longer references `ino` at all (no name, no open file).
+    fn forget(&self, ino: Ino) -> FsResult<()>;
+    /// Every inode number of the volume.
+    fn inodes(&self) -> FsResult<Vec<Ino>>;
     fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>>;
     /// Writes `data`; `kill_suid` clears setuid/setgid as a write by a non-owner must.
     fn write(&self, ino: Ino, offset: u64, data: &[u8], kill_suid: bool) -> FsResult<u32>;

@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::acl;
@@ -30,9 +30,28 @@ pub struct SledFs {
     name: String,
     namespace: Mutex<()>,
     open_handles: Mutex<HashMap<Ino, u32>>,
+    /// The kernel holds handles opened under a previous daemon (see `open_resumed`).
+    handles_unknown: AtomicBool,
     /// Bytes stored in chunks and live inodes, kept in memory for `statfs`.
     used_bytes: AtomicU64,
     inodes: AtomicU64,
+}
+
+/// `now`, or one nanosecond past `old` if `now` is not later.
+fn later(old: Timestamp, now: Timestamp) -> Timestamp {
+    if (now.secs, now.nsecs) > (old.secs, old.nsecs) {
+        now
+    } else if old.nsecs >= 999_999_999 {
+        Timestamp {
+            secs: old.secs + 1,
+            nsecs: 0,
+        }
+    } else {
+        Timestamp {
+            secs: old.secs,
+            nsecs: old.nsecs + 1,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,7 +137,19 @@ impl SledFs {
     /// Opens a volume: reclaims inodes left unlinked-but-open by a previous run and counts
     /// usage for `statfs`.
     pub fn open(store: Store, vol: u64, name: &str) -> FsResult<SledFs> {
+        Self::open_inner(store, vol, name, false)
+    }
+
+    /// Opens a volume whose mounts outlived the previous daemon: the kernel may still hold
+    /// files unlinked while open, with handles this process never counted, so orphans are
+    /// kept until [`FileSystem::forget`] says the kernel let go of them.
+    pub fn open_resumed(store: Store, vol: u64, name: &str) -> FsResult<SledFs> {
+        Self::open_inner(store, vol, name, true)
+    }
+
+    fn open_inner(store: Store, vol: u64, name: &str, resumed: bool) -> FsResult<SledFs> {
         let fs = SledFs {
+            handles_unknown: AtomicBool::new(resumed),
             store,
             vol,
             name: name.to_string(),
@@ -128,13 +159,7 @@ impl SledFs {
             inodes: AtomicU64::new(0),
         };
         fs.get_inode(ROOT_INO)?;
-        let orphans: Vec<Ino> = fs
-            .store
-            .fs
-            .scan_prefix(store::tag_prefix(vol, store::TAG_ORPHAN))
-            .keys()
-            .filter_map(|k| k.ok().and_then(|k| store::parse_orphan_key(&k)))
-            .collect();
+        let orphans: Vec<Ino> = if resumed { Vec::new() } else { fs.orphans() };
         for ino in orphans {
             tracing::info!(volume = name, ino, "reclaiming inode unlinked while open");
             let mut batch = Change::default();
@@ -288,6 +313,35 @@ impl SledFs {
                 batch.insert(store::inode_key(self.vol, *ino), r.encode());
             }
         }
+    }
+
+    fn orphans(&self) -> Vec<Ino> {
+        self.store
+            .fs
+            .scan_prefix(store::tag_prefix(self.vol, store::TAG_ORPHAN))
+            .keys()
+            .filter_map(|k| k.ok().and_then(|k| store::parse_orphan_key(&k)))
+            .collect()
+    }
+
+    /// Drops `ino` if it is an orphan that nothing holds open.
+    fn reclaim_if_orphan(&self, ino: Ino) -> FsResult<()> {
+        let _ns = lock(&self.namespace);
+        if self.is_open(ino) {
+            return Ok(());
+        }
+        let _l = self.stripe_locks(&[ino]);
+        let orphan = self
+            .store
+            .fs
+            .contains_key(store::orphan_key(self.vol, ino))
+            .map_err(|e| FsError::storage("checking for an orphan", e))?;
+        if orphan {
+            let mut batch = Change::default();
+            self.drop_inode(&mut batch, ino)?;
+            self.commit(batch, "reclaiming an unlinked inode")?;
+        }
+        Ok(())
     }
 
     fn is_open(&self, ino: Ino) -> bool {
@@ -615,8 +669,11 @@ impl SledFs {
         Ok(())
     }
 
+    /// A data or namespace change: mtime strictly increases, even if the clock steps back
+    /// or two changes share a timestamp, because other mounts' kernels drop cached pages
+    /// only when they see mtime (or size) differ.
     fn touch(rec: &mut InodeRecord, now: Timestamp) {
-        rec.mtime = now;
+        rec.mtime = later(rec.mtime, now);
         rec.ctime = now;
     }
 }
@@ -678,7 +735,7 @@ impl FileSystem for SledFs {
                 _ => return Err(FsError::Invalid),
             }
             self.truncate_into(&mut batch, ino, &mut rec, size)?;
-            rec.mtime = now;
+            rec.mtime = later(rec.mtime, now);
         }
         let resolve = |t: SetTime| match t {
             SetTime::Now => now,
@@ -1028,25 +1085,31 @@ impl FileSystem for SledFs {
                 None => false,
             }
         };
-        if !last {
+        if !last || self.handles_unknown.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let _ns = lock(&self.namespace);
-        if self.is_open(ino) {
+        self.reclaim_if_orphan(ino)
+    }
+
+    fn forget(&self, ino: Ino) -> FsResult<()> {
+        // Otherwise the last release already reclaimed it.
+        if !self.handles_unknown.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let _l = self.stripe_locks(&[ino]);
-        let orphan = self
-            .store
+        self.reclaim_if_orphan(ino)
+    }
+
+    fn inodes(&self) -> FsResult<Vec<Ino>> {
+        self.store
             .fs
-            .contains_key(store::orphan_key(self.vol, ino))
-            .map_err(|e| FsError::storage("checking for an orphan", e))?;
-        if orphan {
-            let mut batch = Change::default();
-            self.drop_inode(&mut batch, ino)?;
-            self.commit(batch, "reclaiming an unlinked inode")?;
-        }
-        Ok(())
+            .scan_prefix(store::tag_prefix(self.vol, store::TAG_INODE))
+            .keys()
+            .map(|k| {
+                k.map(|k| store::parse_inode_key(&k))
+                    .map_err(|e| FsError::storage("listing inodes", e))
+            })
+            .filter_map(Result::transpose)
+            .collect()
     }
 
     fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -1336,10 +1399,10 @@ impl FileSystem for SledFs {
         let now = Timestamp::now();
         if !keep_size && end > rec.size {
             rec.size = end;
-            rec.mtime = now;
+            rec.mtime = later(rec.mtime, now);
         }
         if op != 0 {
-            rec.mtime = now;
+            rec.mtime = later(rec.mtime, now);
         }
         rec.ctime = now;
         batch.insert(store::inode_key(self.vol, ino), rec.encode());
