@@ -2,12 +2,15 @@
 //!
 //! Layers, top to bottom: `api` (control protocol) and `volume` (registry of volumes and
 //! mounts) drive `fs` (the FUSE adapter, the only user of fuser), which calls the `vfs`
-//! seam, implemented over `store` (the key layout) and `chunks` (segment files). Errors are `error::FsError`.
+//! seam, implemented over `store` (the key layout) and `chunks` (segment files). `keeper` holds
+//! FUSE connections across daemon restarts; `import` fills a volume from a directory or tar.
+//! Errors are `error::FsError`.
 
 pub mod api;
 pub mod chunks;
 pub mod error;
 pub mod fs;
+pub mod import;
 pub mod keeper;
 pub mod store;
 pub mod vfs;
