@@ -9,5 +9,6 @@ pub mod chunks;
 pub mod error;
 pub mod fs;
 pub mod store;
+pub mod units;
 pub mod vfs;
 pub mod volume;
