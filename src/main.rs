@@ -101,7 +101,15 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Refused input exits 1 like every other failure (clap's own code is 2);
+            // --help and --version exit 0.
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
     if let Err(e) = run(cli) {
         if !e.is_empty() {
             eprintln!("volfs: {e}");

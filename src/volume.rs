@@ -201,6 +201,21 @@ pub fn key_values<S: AsRef<str>>(
     Ok(map)
 }
 
+/// Crash tests: `VOLFS_FAILPOINTS=NAME[,NAME…]` makes the daemon SIGKILL itself at these
+/// points, as a crash there would stop it. Points: `create-before-register`, `rm-before-purge`.
+fn failpoint(name: &str) {
+    static POINTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let points = POINTS.get_or_init(|| {
+        std::env::var("VOLFS_FAILPOINTS")
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    });
+    if points.iter().any(|p| p == name) {
+        tracing::error!("failpoint {name}: killing the daemon");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// A random name for an anonymous volume: 64 hex digits, as Docker's.
 fn random_name() -> Result<String, String> {
     use std::io::Read;
@@ -409,6 +424,12 @@ impl Registry {
             self.discard(id, &name);
             return Err(e);
         }
+        // The content is durable before a name points at it (and a crash from here on
+        // leaves a doomed mark that is sure to be found).
+        self.store
+            .sync()
+            .map_err(|e| format!("making volume {name} durable: {e}"))?;
+        failpoint("create-before-register");
         let rec = VolumeRecord {
             version: 1,
             id,
@@ -563,6 +584,7 @@ impl Registry {
                 .sync()
                 .map_err(|e| format!("making the removal of volume {name} durable: {e}"))?;
             tracing::info!(volume = name, id = rec.id, ?unmounted, "removed volume");
+            failpoint("rm-before-purge");
             self.purge(rec.id, name, opened.map(|(fs, _)| Arc::downgrade(&fs)));
             return Ok(Removed {
                 name: name.to_string(),

@@ -7,6 +7,7 @@ mod util;
 mod durability;
 mod faults;
 mod integrity;
+mod lifecycle;
 mod posix;
 mod posix_attrs;
 mod posix_concurrency;
