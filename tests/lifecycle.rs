@@ -615,7 +615,7 @@ fn concurrent_creates_of_one_name_make_one_volume() {
         .to_string();
     for (size, o) in sizes.iter().zip(&outs) {
         if *size == winner {
-            assert!(o.status.success(), "size={size}: {}", stderr_of(&o));
+            assert!(o.status.success(), "size={size}: {}", stderr_of(o));
             assert_eq!(stdout_of(o), "mixed\n");
         } else {
             assert_eq!(o.status.code(), Some(1));
@@ -1140,7 +1140,7 @@ fn prune_removes_unmounted_anonymous_volumes_and_with_all_every_unmounted_one() 
     d.mount(&a[2], &busy_anon, false);
     d.mount("keep2", &busy_named, false);
 
-    let mut gone = vec![a[0].clone(), a[1].clone()];
+    let mut gone = [a[0].clone(), a[1].clone()];
     gone.sort();
     assert_eq!(
         d.cli_ok(&["prune"]),
@@ -1163,7 +1163,7 @@ fn prune_removes_unmounted_anonymous_volumes_and_with_all_every_unmounted_one() 
     assert_eq!(names(&d, &[]), left);
     d.umount(&busy_anon);
     d.umount(&busy_named);
-    let mut all = vec!["keep2".to_string(), a[2].clone()];
+    let mut all = ["keep2".to_string(), a[2].clone()];
     all.sort();
     assert_eq!(
         d.cli_ok(&["prune", "-a"]),
