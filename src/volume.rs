@@ -420,15 +420,17 @@ impl Registry {
         // Doomed until registered: a failure or a crash from here on leaves only a mark
         // that gets the id's keys purged.
         self.store.begin_create(id, &name)?;
-        if let Err(e) = self.build(id, &name, &opts) {
+        // The content is durable before a name points at it (and a crash from here on
+        // leaves a doomed mark that is sure to be found).
+        let built = self.build(id, &name, &opts).and_then(|()| {
+            self.store
+                .sync()
+                .map_err(|e| format!("making volume {name} durable: {e}"))
+        });
+        if let Err(e) = built {
             self.discard(id, &name);
             return Err(e);
         }
-        // The content is durable before a name points at it (and a crash from here on
-        // leaves a doomed mark that is sure to be found).
-        self.store
-            .sync()
-            .map_err(|e| format!("making volume {name} durable: {e}"))?;
         failpoint("create-before-register");
         let rec = VolumeRecord {
             version: 1,

@@ -1064,6 +1064,38 @@ fn rm_deletes_every_key_reclaims_disk_space_and_the_name_can_be_reused_empty() {
 }
 
 #[test]
+fn rm_force_of_a_busy_mount_detaches_it_and_purges_once_the_last_file_closes() {
+    use std::os::unix::fs::FileExt;
+    let mut d = Daemon::start();
+    d.create("held");
+    let (_m, mnt) = mountpoint();
+    d.mount("held", &mnt, false);
+    fs::write(mnt.join("f"), b"before").unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("f"))
+        .unwrap();
+    assert_eq!(d.cli_ok(&["rm", "--force", "held"]), "held\n");
+    assert_eq!(names(&d, &[]), Vec::<String>::new());
+    assert!(!is_mounted(&mnt), "the busy mount was not detached");
+    // The open file is still served by the detached mount until it is closed.
+    f.write_all_at(b"after!", 0).unwrap();
+    f.sync_all().unwrap();
+    let mut buf = [0u8; 6];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"after!");
+    assert!(
+        !d.log().contains("purged removed volume"),
+        "the volume was purged while a file was still open"
+    );
+    drop(f);
+    wait_log(&d, "purged removed volume");
+    d.stop();
+    assert_store_consistent(d.root());
+}
+
+#[test]
 fn rm_racing_a_mount_ends_in_one_consistent_state() {
     let mut d = Daemon::start();
     let (_m, mnt) = mountpoint();
