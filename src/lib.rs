@@ -8,6 +8,7 @@ pub mod api;
 pub mod chunks;
 pub mod error;
 pub mod fs;
+pub mod import;
 pub mod store;
 pub mod units;
 pub mod vfs;
