@@ -41,7 +41,7 @@ enum Cmd {
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
         /// An option KEY=VALUE (repeatable): readonly=true|false, size=10G, uid=N, gid=N,
-        /// mode=0755.
+        /// mode=0755, from=/ABSOLUTE/PATH (a directory or tar file to copy in).
         #[arg(long = "opt", short = 'o', value_name = "KEY=VALUE")]
         opts: Vec<String>,
     },

@@ -64,8 +64,8 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 }
 
 /// The create options volfs knows, for messages.
-pub const OPTIONS: &str =
-    "readonly=true|false, size=BYTES (e.g. 10G), uid=N, gid=N, mode=OCTAL (e.g. 0755)";
+pub const OPTIONS: &str = "readonly=true|false, size=BYTES (e.g. 10G), uid=N, gid=N, \
+     mode=OCTAL (e.g. 0755), from=/ABSOLUTE/PATH (a directory or tar file to copy in)";
 
 /// Longest label key, and longest label or option value.
 const MAX_KEY: usize = 255;
@@ -82,6 +82,8 @@ pub struct VolumeOptions {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mode: Option<u32>,
+    /// A host directory or tar file the volume starts as a copy of.
+    pub from: Option<PathBuf>,
 }
 
 impl VolumeOptions {
@@ -96,6 +98,7 @@ impl VolumeOptions {
                 "uid" => o.uid = norm.parse().ok(),
                 "gid" => o.gid = norm.parse().ok(),
                 "mode" => o.mode = u32::from_str_radix(&norm, 8).ok(),
+                "from" => o.from = Some(PathBuf::from(norm)),
                 _ => unreachable!("normalize_option refuses unknown options"),
             }
         }
@@ -148,6 +151,17 @@ fn normalize_option(key: &str, value: &str) -> Result<String, String> {
                     "option mode={value:?}: expected octal permission bits from 0 to 7777, e.g. 0755"
                 )),
             }
+        }
+        "from" => {
+            let p = Path::new(value);
+            if !p.is_absolute() {
+                return Err(format!("option from={value:?}: must be an absolute path"));
+            }
+            if value.contains('\0') {
+                return Err(format!("option from={value:?}: contains a NUL byte"));
+            }
+            // One spelling per path: `/a//b/` and `/a/b` are the same source.
+            Ok(p.components().collect::<PathBuf>().display().to_string())
         }
         _ => Err(format!("unknown option {key:?} (known options: {OPTIONS})")),
     }
@@ -471,7 +485,9 @@ impl Registry {
         ))
     }
 
-    /// Writes what a new volume starts with: its root directory.
+    /// Writes what a new volume starts with: its root directory, and with `from=` a copy
+    /// of that tree (whose root the volume root becomes, except for what `uid=`, `gid=`
+    /// and `mode=` set).
     fn build(&self, id: u64, name: &str, opts: &VolumeOptions) -> Result<(), String> {
         SledFs::init_volume(
             &self.store,
@@ -480,7 +496,48 @@ impl Registry {
             opts.gid.unwrap_or(0),
             opts.mode.unwrap_or(0o755),
         )
-        .map_err(|e| format!("creating volume {name}: {e}"))
+        .map_err(|e| format!("creating volume {name}: {e}"))?;
+        let Some(from) = &opts.from else {
+            return Ok(());
+        };
+        let fs = SledFs::open(self.store.clone(), id, name)
+            .map_err(|e| format!("opening new volume {name}: {e}"))?;
+        fs.set_limit(opts.size);
+        let t0 = Instant::now();
+        let stats = crate::import::import(&fs, from).map_err(|e| match opts.size {
+            Some(size) => format!(
+                "creating volume {name} (quota size={}): {e}",
+                crate::units::human_size(size)
+            ),
+            None => format!("creating volume {name}: {e}"),
+        })?;
+        if opts.uid.is_some() || opts.gid.is_some() || opts.mode.is_some() {
+            let set = crate::vfs::SetAttr {
+                uid: opts.uid,
+                gid: opts.gid,
+                mode: opts.mode,
+                ..crate::vfs::SetAttr::default()
+            };
+            let root = crate::vfs::Ctx {
+                uid: 0,
+                gid: 0,
+                pid: 0,
+            };
+            fs.setattr(&root, crate::store::ROOT_INO, &set)
+                .map_err(|e| format!("setting the root of volume {name}: {e}"))?;
+        }
+        tracing::info!(
+            volume = name,
+            from = %from.display(),
+            files = stats.files,
+            dirs = stats.dirs,
+            symlinks = stats.symlinks,
+            hardlinks = stats.hardlinks,
+            bytes = stats.bytes,
+            secs = t0.elapsed().as_secs_f64(),
+            "imported"
+        );
+        Ok(())
     }
 
     /// Purges a volume id whose create failed or lost a race.
@@ -824,7 +881,12 @@ mod tests {
                 uid: Some(1000),
                 gid: Some(0),
                 mode: Some(0o1777),
+                from: None,
             }
+        );
+        assert_eq!(
+            VolumeOptions::parse(&map(&[("from", "/srv//seed/")])).map(|o| o.from),
+            Ok(Some(PathBuf::from("/srv/seed")))
         );
         assert_eq!(
             VolumeOptions::parse(&map(&[])),
@@ -853,6 +915,11 @@ mod tests {
                 "unknown option \"type\" (known options: readonly",
             ),
             (("Size", "1G"), "unknown option \"Size\""),
+            (
+                ("from", "rel/dir"),
+                "option from=\"rel/dir\": must be an absolute path",
+            ),
+            (("from", ""), "must be an absolute path"),
         ] {
             let e = VolumeOptions::parse(&map(&[(k, v)])).expect_err(k);
             assert!(e.contains(says), "{k}={v}: {e}");
@@ -896,6 +963,13 @@ mod tests {
             anonymous: false,
         };
         let same = map(&[("size", "1024M"), ("mode", "755")]);
+        assert!(differences(&rec, &rec.labels, &same).is_empty());
+        let with_from = VolumeRecord {
+            options: map(&[("size", "1G"), ("mode", "0755"), ("from", "/srv/seed")]),
+            ..rec.clone()
+        };
+        let same_from = map(&[("size", "1024M"), ("mode", "755"), ("from", "/srv//seed/")]);
+        assert!(differences(&with_from, &rec.labels, &same_from).is_empty());
         assert!(differences(&rec, &rec.labels, &same).is_empty());
         let d = differences(
             &rec,

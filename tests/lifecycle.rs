@@ -1460,3 +1460,347 @@ fn socket_group_gives_that_group_the_socket_and_an_unknown_group_is_refused() {
     assert_eq!(o.0, Some(1));
     assert!(o.1.contains("--socket-group"), "{}", o.1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// from=: a volume that starts as a copy of a host tree or a tar file
+// ---------------------------------------------------------------------------------------------
+
+/// Sets the times of `p` itself (not of a symlink's target) with nanoseconds.
+fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
+    use nix::sys::time::TimeSpec;
+    nix::sys::stat::utimensat(
+        None,
+        p,
+        &TimeSpec::new(atime.0, atime.1),
+        &TimeSpec::new(mtime.0, mtime.1),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap_or_else(|e| panic!("utimensat {}: {e}", p.display()));
+}
+
+fn lchown(p: &Path, uid: u32, gid: u32) {
+    nix::unistd::fchownat(
+        None,
+        p,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .unwrap_or_else(|e| panic!("lchown {}: {e}", p.display()));
+}
+
+fn chmod(p: &Path, mode: u32) {
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+}
+
+use std::os::unix::fs::PermissionsExt;
+
+/// A tree with every kind of entry and metadata import keeps: modes with setuid, setgid
+/// and sticky, owners, nanosecond times, xattrs (binary too), symlinks (one dangling), a
+/// hard link, a FIFO, a sparse file, an empty file.
+fn build_tree() -> (TempDir, PathBuf) {
+    let dir = open_tempdir();
+    let t = dir.path().join("tree");
+    fs::create_dir(&t).unwrap();
+    fs::create_dir_all(t.join("d/sg")).unwrap();
+    fs::write(t.join("a"), b"hello\n").unwrap();
+    fs::hard_link(t.join("a"), t.join("a2")).unwrap();
+    fs::write(t.join("exec"), pat(300 * KIB, 11)).unwrap();
+    let sparse = File::create(t.join("sparse")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"tail!", MIB as u64).unwrap();
+    drop(sparse);
+    File::create(t.join("empty")).unwrap();
+    fs::write(t.join("d/sg/inner"), b"inner").unwrap();
+    std::os::unix::fs::symlink("../a", t.join("d/link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", t.join("dangle")).unwrap();
+    nix::unistd::mkfifo(
+        &t.join("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    xattr::set(t.join("a"), "user.test", b"value").unwrap();
+    xattr::set(t.join("a"), "user.bin", &[0u8, 1, 2, 255]).unwrap();
+    xattr::set(t.join("exec"), "trusted.x", b"t").unwrap();
+    xattr::set(t.join("d"), "user.dir", b"dirval").unwrap();
+    // Owners first: chown clears setuid and setgid.
+    for (rel, uid, gid, mode) in [
+        ("", 1005, 1006, 0o751),
+        ("a", 1001, 1002, 0o644),
+        ("exec", 0, 1002, 0o4755),
+        ("sparse", 1001, 1001, 0o600),
+        ("empty", 1003, 1003, 0o640),
+        ("d", 1001, 1002, 0o1750),
+        ("d/sg", 0, 1002, 0o2775),
+        ("d/sg/inner", 1001, 1002, 0o444),
+        ("pipe", 1004, 1004, 0o640),
+    ] {
+        lchown(&t.join(rel), uid, gid);
+        chmod(&t.join(rel), mode);
+    }
+    lchown(&t.join("d/link"), 1003, 1004);
+    // Times last, children before parents. Each atime lies ahead of its mtime and of its
+    // ctime (which setting the times makes "now"), so that reading the tree — listing a
+    // directory, following a symlink — does not change it under relatime.
+    let now = now_secs();
+    for (k, rel) in [
+        "a",
+        "exec",
+        "sparse",
+        "empty",
+        "d/sg/inner",
+        "d/sg",
+        "d/link",
+        "d",
+        "dangle",
+        "pipe",
+        "",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let k = k as i64;
+        set_times(
+            &t.join(rel),
+            (now + 3600 + k, 111_111_111 * k % 1_000_000_000),
+            (1_600_000_000 + 1000 * k, 123_456_789 + k),
+        );
+    }
+    (dir, t)
+}
+
+/// Every entry below `root`, relative, parents first.
+fn entries(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![PathBuf::new()];
+    let mut i = 0;
+    while i < out.len() {
+        let p = root.join(&out[i]);
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            let mut names: Vec<PathBuf> = fs::read_dir(&p)
+                .unwrap()
+                .map(|e| out[i].join(e.unwrap().file_name()))
+                .collect();
+            names.sort();
+            out.extend(names);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Compares every entry of the volume mounted at `vol` with the tree at `src`: type, mode,
+/// owner, link count, size, device, atime and mtime to the nanosecond, symlink targets,
+/// xattrs, which names share an inode, and every byte.
+#[track_caller]
+fn assert_same_tree(src: &Path, vol: &Path) {
+    let names = entries(src);
+    assert_eq!(
+        entries(vol),
+        names,
+        "the volume has other names than the source"
+    );
+    let mut inodes: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for rel in &names {
+        let (s, v) = (
+            fs::symlink_metadata(src.join(rel)).unwrap(),
+            fs::symlink_metadata(vol.join(rel)).unwrap(),
+        );
+        let is_dir = s.is_dir();
+        let fields = |m: &fs::Metadata| {
+            (
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.nlink(),
+                if is_dir { 0 } else { m.size() },
+                m.rdev(),
+                (m.atime(), m.atime_nsec()),
+                (m.mtime(), m.mtime_nsec()),
+            )
+        };
+        if fields(&s) != fields(&v) {
+            problems.push(format!(
+                "{}: (mode, uid, gid, nlink, size, rdev, atime, mtime) source {:?}, volume {:?}",
+                rel.display(),
+                fields(&s),
+                fields(&v)
+            ));
+        }
+        if let Some(prev) = inodes.insert(s.ino(), v.ino()) {
+            if prev != v.ino() {
+                problems.push(format!("{}: hard link not kept", rel.display()));
+            }
+        }
+        if s.file_type().is_symlink() {
+            assert_eq!(
+                fs::read_link(vol.join(rel)).unwrap(),
+                fs::read_link(src.join(rel)).unwrap()
+            );
+        } else if !s.file_type().is_fifo() {
+            let xattrs = |p: &Path| -> BTreeMap<String, Vec<u8>> {
+                xattr::list(p)
+                    .unwrap()
+                    .map(|n| {
+                        let v = xattr::get(p, &n).unwrap().unwrap_or_default();
+                        (n.to_string_lossy().into_owned(), v)
+                    })
+                    .collect()
+            };
+            let (sx, vx) = (xattrs(&src.join(rel)), xattrs(&vol.join(rel)));
+            if sx != vx {
+                problems.push(format!("{}: xattrs {sx:?} vs {vx:?}", rel.display()));
+            }
+        }
+    }
+    let distinct: HashSet<u64> = inodes.values().copied().collect();
+    assert_eq!(distinct.len(), inodes.len(), "two source inodes became one");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Bytes last: reading changes no metadata compared above.
+    for rel in &names {
+        let s = fs::symlink_metadata(src.join(rel)).unwrap();
+        if s.is_file() {
+            assert!(
+                fs::read(vol.join(rel)).unwrap() == fs::read(src.join(rel)).unwrap(),
+                "{}: bytes differ",
+                rel.display()
+            );
+        }
+    }
+}
+
+use std::os::unix::fs::FileTypeExt;
+
+#[test]
+fn from_a_directory_copies_every_byte_and_metadata_field() {
+    let (_t, tree) = build_tree();
+    let d = Daemon::start();
+    let from = format!("from={}", tree.display());
+    assert_eq!(d.cli_ok(&["create", "seeded", "-o", &from]), "seeded\n");
+    let (_m, mnt) = mountpoint();
+    d.mount("seeded", &mnt, false);
+    assert_same_tree(&tree, &mnt);
+    assert_eq!(
+        fs::metadata(mnt.join("sparse")).unwrap().blocks(),
+        1,
+        "only the 5 bytes after the 1 MiB hole are stored (one 512-byte block)"
+    );
+    // Creating it again with the same options is a no-op: nothing is imported again.
+    fs::write(mnt.join("a"), b"changed").unwrap();
+    assert_eq!(d.cli_ok(&["create", "seeded", "-o", &from]), "seeded\n");
+    assert_eq!(fs::read(mnt.join("a")).unwrap(), b"changed");
+    assert_eq!(
+        inspect(&d, "seeded")["Options"],
+        serde_json::json!({"from": tree.to_str().unwrap()})
+    );
+}
+
+#[test]
+fn from_a_tar_file_copies_every_byte_and_metadata_field() {
+    let (t, tree) = build_tree();
+    let tar = t.path().join("tree.tar.gz");
+    let o = Command::new("tar")
+        .args([
+            "--create",
+            "--gzip",
+            "--format=posix",
+            "--xattrs",
+            "--xattrs-include=*",
+        ])
+        .arg("--atime-preserve=system")
+        .arg("--file")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&tree)
+        .arg(".")
+        .output()
+        .expect("run tar");
+    assert!(o.status.success(), "tar: {}", stderr_of(&o));
+    let d = Daemon::start();
+    d.cli_ok(&[
+        "create",
+        "fromtar",
+        "-o",
+        &format!("from={}", tar.display()),
+    ]);
+    let (_m, mnt) = mountpoint();
+    d.mount("fromtar", &mnt, false);
+    assert_same_tree(&tree, &mnt);
+}
+
+#[test]
+fn from_with_owner_and_mode_options_sets_the_root_over_the_sources() {
+    let (_t, tree) = build_tree();
+    let d = Daemon::start();
+    d.cli_ok(&[
+        "create",
+        "over",
+        "-o",
+        &format!("from={}", tree.display()),
+        "-o",
+        "uid=7",
+        "-o",
+        "mode=0700",
+    ]);
+    let (_m, mnt) = mountpoint();
+    d.mount("over", &mnt, false);
+    let m = fs::metadata(&mnt).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (7, 1006, 0o700));
+    assert_eq!(fs::read(mnt.join("d/sg/inner")).unwrap(), b"inner");
+}
+
+#[test]
+fn a_failed_from_leaves_no_volume_and_no_keys_behind() {
+    let (t, tree) = build_tree();
+    let evil_src = t.path().join("evil");
+    fs::create_dir(&evil_src).unwrap();
+    fs::write(evil_src.join("f"), b"x").unwrap();
+    let evil = t.path().join("evil.tar");
+    let o = Command::new("tar")
+        .args(["-cPf"])
+        .arg(&evil)
+        .args(["--transform", "s,^,../,", "-C"])
+        .arg(&evil_src)
+        .arg("f")
+        .output()
+        .expect("run tar");
+    assert!(o.status.success(), "tar: {}", stderr_of(&o));
+    let not_tar = t.path().join("not.tar");
+    fs::write(&not_tar, pat(10_000, 12)).unwrap();
+    let mut d = Daemon::start();
+    d.create("bystander");
+    let from = |p: &Path| format!("from={}", p.display());
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec!["-o".into(), "from=/nonexistent/seed".into()],
+            "from=/nonexistent/seed: cannot read it".into(),
+        ),
+        (
+            vec!["-o".into(), "from=relative/seed".into()],
+            "option from=\"relative/seed\": must be an absolute path".into(),
+        ),
+        (vec!["-o".into(), from(&evil)], "../f".into()),
+        (
+            vec!["-o".into(), from(&not_tar)],
+            "not a directory or tar file".into(),
+        ),
+        (
+            vec!["-o".into(), from(&tree), "-o".into(), "size=64K".into()],
+            "creating volume v1 (quota size=64KiB)".into(),
+        ),
+        (
+            vec!["-o".into(), from(&tree), "-o".into(), "size=64K".into()],
+            "No space left on device".into(),
+        ),
+    ];
+    for (opts, says) in &cases {
+        let mut args = vec!["create", "v1"];
+        args.extend(opts.iter().map(String::as_str));
+        assert_refused(&d, &args, says);
+    }
+    // The anonymous kind too: no name is left behind either.
+    assert_refused(&d, &["create", "-o", &from(&evil)], "../f");
+    assert_eq!(names(&d, &[]), vec!["bystander"]);
+    d.stop();
+    assert_store_consistent(d.root());
+}
