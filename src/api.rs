@@ -34,6 +34,12 @@
 //! - `rm`: a mounted volume is refused (the error lists its mountpoints) unless `force`,
 //!   which unmounts it first. The volume's data is deleted.
 //! - `prune`: removes unmounted anonymous volumes, or with `all` every unmounted volume.
+//! - `mount`: the directory must exist; a volume created `readonly=true` is mounted
+//!   read-only whatever `read_only` says. `mount` and `umount` answer `{"ok":true}`.
+//!
+//! Limits: at most [`MAX_ENTRIES`] labels, options or filters; label keys up to 255 bytes,
+//! label and option values up to 4096; no control characters in labels; paths up to
+//! [`MAX_PATH`] bytes.
 //!
 //! A volume (`volume`, each of `volumes`):
 //!
@@ -118,6 +124,20 @@ pub enum Request {
     },
     Version,
     Info,
+}
+
+impl Request {
+    /// How long the CLI waits for the answer: copying a tree in (`from=`) and deleting a
+    /// volume's data take time in proportion to the data.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            Request::Create { options, .. } if options.contains_key("from") => {
+                Duration::from_secs(24 * 3600)
+            }
+            Request::Rm { .. } | Request::Prune { .. } => Duration::from_secs(3600),
+            _ => Duration::from_secs(120),
+        }
+    }
 }
 
 /// `ls` filters; every one given must match (as with Docker, filters AND).
@@ -381,7 +401,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
             socket.display()
         ),
     })?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+    let _ = stream.set_read_timeout(Some(req.timeout()));
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
     (&stream)
