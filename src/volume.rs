@@ -454,7 +454,11 @@ impl Registry {
             options: options.clone(),
             anonymous,
         };
-        if let Some(winner) = self.store.register(&name, &rec)? {
+        let registered = self
+            .store
+            .register(&name, &rec)
+            .inspect_err(|_| self.discard(id, &name))?;
+        if let Some(winner) = registered {
             // Another create of the same name came first: that one stands.
             self.discard(id, &name);
             return self.existing(&name, &winner, labels, options);
