@@ -119,7 +119,7 @@ fn bind(socket: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixLi
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting the mode of {}", socket.display()))?;
     if let Some(gid) = group {
-        // Group first, then the mode: the group never sees a socket it may not use.
+        // Group first, then the mode: the socket is never 0660 for another group.
         nix::unistd::chown(socket, None, Some(gid))
             .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
