@@ -1,5 +1,6 @@
 //! `volfs-mountd`: owns the store, serves every mount, answers the control socket.
 //! Runs in the foreground; SIGTERM or SIGINT unmount everything, flush, and exit 0.
+//! Logs go to stderr, filtered by `RUST_LOG` (or its alias `VOLFS_LOG`; default `info`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -20,20 +21,24 @@ struct Args {
     /// Directory holding the store (created if missing).
     #[arg(long, default_value = "/var/lib/volfs")]
     root: PathBuf,
-    /// Control socket for the `volfs` CLI (mode 0600).
+    /// Control socket for the `volfs` CLI (mode 0600: root only).
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Run as the keeper of FUSE connections for ROOT (started by the daemon itself).
     #[arg(long, hide = true)]
     keeper: bool,
+    /// Let this group use the control socket too (mode 0660, owned by root:GROUP).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
 }
 
 fn main() {
+    let filter = ["RUST_LOG", "VOLFS_LOG"]
+        .iter()
+        .find_map(|var| tracing_subscriber::EnvFilter::try_from_env(var).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VOLFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Args::parse()) {
@@ -53,8 +58,21 @@ fn run(args: Args) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.thread_block().context("blocking signals")?;
 
+    let group = match &args.socket_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .with_context(|| format!("looking up group {name}"))?
+                .with_context(|| {
+                    format!(
+                        "--socket-group {name}: no such group (see /etc/group or `getent group`)"
+                    )
+                })?
+                .gid,
+        ),
+        None => None,
+    };
     // The socket first: it also tells whether another daemon already serves.
-    let listener = bind(&args.socket)?;
+    let listener = bind(&args.socket, group)?;
     let registry = match Registry::open(&args.root) {
         Ok(r) => Arc::new(r),
         Err(e) => {
@@ -94,7 +112,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::process::exit(0)
 }
 
-fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+fn bind(socket: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the socket directory {}", dir.display()))?;
@@ -117,6 +135,13 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
         listener.with_context(|| format!("binding the control socket {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting the mode of {}", socket.display()))?;
+    if let Some(gid) = group {
+        // Group first, then the mode: the socket is never 0660 for another group.
+        nix::unistd::chown(socket, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+            .with_context(|| format!("setting the mode of {}", socket.display()))?;
+    }
     Ok(listener)
 }
 

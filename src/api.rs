@@ -1,15 +1,71 @@
-//! The control protocol between `volfs` and `volfs-mountd`: one JSON request and one JSON
-//! response per connection, each a single line, over a unix socket (mode 0600).
+//! The control protocol between `volfs` and `volfs-mountd` ("the documented JSON
+//! protocol"): one JSON request and one JSON response per connection, each a single line,
+//! over a unix socket (mode 0600, or 0660 for the group given by `--socket-group`).
+//!
+//! Every request is an object whose `op` names it; fields not listed are refused, as is a
+//! line over [`MAX_REQUEST`] bytes. Every response has `ok`; a failure carries `error` (what
+//! failed, on what, and what to do), a success the one reply field listed for its request.
+//! Volume names follow Docker's rule `[a-zA-Z0-9][a-zA-Z0-9_.-]+` (2 to 255 characters);
+//! paths must be absolute.
+//!
+//! | request | reply field |
+//! |---|---|
+//! | `{"op":"create","name":"data","labels":{"team":"x"},"options":{"size":"10G"}}` | `volume` |
+//! | `{"op":"ls","filters":{"label":["team","env=prod"],"dangling":true,"name":["da"]}}` | `volumes` |
+//! | `{"op":"inspect","name":"data"}` | `volume`, with `usage` |
+//! | `{"op":"df"}` | `volumes`, each with `usage` |
+//! | `{"op":"rm","name":"data","force":false}` | `removed` |
+//! | `{"op":"prune","all":false}` | `pruned` |
+//! | `{"op":"mount","name":"data","path":"/mnt/d","read_only":false}` | none |
+//! | `{"op":"umount","path":"/mnt/d"}` | none |
+//! | `{"op":"version"}` | `version` |
+//! | `{"op":"info"}` | `info` |
+//! | `{"op":"shutdown"}` | none, once every mount is unmounted; the daemon then exits |
+//!
+//! Requests in detail:
+//! - `create`: `name` may be left out for an anonymous volume (a random 64-hex-digit name).
+//!   `labels` and `options` default to `{}`. Options: `readonly` (`true`/`false`), `size`
+//!   (quota in bytes, or with a binary unit: `10G`), `uid`, `gid`, `mode` (octal) of the
+//!   volume root, `from` (an absolute path of a directory or tar file to copy in). Creating
+//!   an existing name with the same labels and options answers that volume; with others it
+//!   is an error naming what differs.
+//! - `ls`: `filters` defaults to none. `label` entries are `KEY` (has the label) or
+//!   `KEY=VALUE`; `dangling` true keeps unmounted volumes, false mounted ones; `name`
+//!   entries are substrings of the name. Every filter given must match.
+//! - `rm`: a mounted volume is refused (the error lists its mountpoints) unless `force`,
+//!   which unmounts it first. The volume's data is deleted.
+//! - `prune`: removes unmounted anonymous volumes, or with `all` every unmounted volume.
+//! - `mount`: the directory must exist; a volume created `readonly=true` is mounted
+//!   read-only whatever `read_only` says. `mount` and `umount` answer `{"ok":true}`.
+//!
+//! Limits: at most [`MAX_ENTRIES`] labels, options or filters; label keys up to 255 bytes,
+//! label and option values up to 4096; no control characters in labels; paths up to
+//! [`MAX_PATH`] bytes.
+//!
+//! A volume (`volume`, each of `volumes`):
+//!
+//! ```json
+//! {"name":"data","created":1795861862,"labels":{"team":"x"},"options":{"size":"10G"},
+//!  "anonymous":false,"mounts":[{"path":"/mnt/d","read_only":false}],
+//!  "limit_bytes":10737418240,"usage":{"bytes":4096,"inodes":2}}
+//! ```
+//!
+//! `created` is in seconds since the epoch; `limit_bytes` is null without `size`; `usage`
+//! (bytes stored, inodes) is present in `inspect` and `df` answers only: `ls` does not
+//! measure volumes.
+//!
+//! Other replies:
 //!
 //! ```text
-//! → {"op":"create","name":"data"}            ← {"ok":true,"volume":{"name":"data",...}}
-//! → {"op":"ls"}                              ← {"ok":true,"volumes":[...]}
-//! → {"op":"mount","name":"data","path":"/mnt/d","read_only":false}   ← {"ok":true}
-//! → {"op":"umount","path":"/mnt/d"}          ← {"ok":true}
-//! → {"op":"shutdown"}                        ← {"ok":true}   (after unmounting everything)
-//! ← {"ok":false,"error":"what failed, on what, and what to do"}
+//! ← {"ok":true,"removed":{"name":"data","unmounted":["/mnt/d"],"bytes":4096}}
+//! ← {"ok":true,"pruned":{"deleted":["0f3a…"],"bytes":1048576}}
+//! ← {"ok":true,"version":{"version":"0.1.0","protocol":1}}
+//! ← {"ok":true,"info":{"version":"0.1.0","pid":812,"uptime_secs":3600,"root":"/var/lib/volfs",
+//!    "store_bytes":1048576,"volumes":3,"mounts":1}}
+//! ← {"ok":false,"error":"no such volume: data"}
 //! ```
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -21,15 +77,43 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_SOCKET: &str = "/run/volfs/volfs.sock";
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// Version of this protocol, reported by `version`.
+pub const PROTOCOL: u32 = 1;
+/// Longest path accepted in a request (PATH_MAX).
+pub const MAX_PATH: usize = 4096;
+/// Most labels, options or filters in one request.
+pub const MAX_ENTRIES: usize = 64;
 
 /// A request from the CLI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     Create {
+        /// None: an anonymous volume with a random name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        labels: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        options: BTreeMap<String, String>,
+    },
+    Ls {
+        #[serde(default)]
+        filters: LsFilters,
+    },
+    Inspect {
         name: String,
     },
-    Ls,
+    Df,
+    Rm {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    Prune {
+        #[serde(default)]
+        all: bool,
+    },
     Mount {
         name: String,
         path: PathBuf,
@@ -39,8 +123,96 @@ pub enum Request {
     Umount {
         path: PathBuf,
     },
+    Version,
+    Info,
     /// Unmount everything, stop the keeper and exit (the mount table is kept).
     Shutdown,
+}
+
+impl Request {
+    /// How long the CLI waits for the answer: copying a tree in (`from=`) and deleting a
+    /// volume's data take time in proportion to the data.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            Request::Create { options, .. } if options.contains_key("from") => {
+                Duration::from_secs(24 * 3600)
+            }
+            Request::Rm { .. } | Request::Prune { .. } => Duration::from_secs(3600),
+            _ => Duration::from_secs(120),
+        }
+    }
+}
+
+/// `ls` filters; every one given must match (as with Docker, filters AND).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LsFilters {
+    /// `KEY` (the volume has label KEY) or `KEY=VALUE`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label: Vec<String>,
+    /// true: only volumes mounted nowhere; false: only mounted ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dangling: Option<bool>,
+    /// Substrings of the name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub name: Vec<String>,
+}
+
+/// The filters `volfs ls --filter` knows.
+pub const FILTERS: &str = "label=KEY, label=KEY=VALUE, dangling=true|false, name=SUBSTRING";
+
+impl LsFilters {
+    /// Parses `--filter` arguments (`label=team`, `dangling=true`, `name=web`…).
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<LsFilters, String> {
+        let mut f = LsFilters::default();
+        for arg in args {
+            let arg = arg.as_ref();
+            let (key, value) = arg
+                .split_once('=')
+                .ok_or_else(|| format!("filter {arg:?} is not KEY=VALUE (known: {FILTERS})"))?;
+            match key {
+                "label" => {
+                    if value.is_empty() || value.starts_with('=') {
+                        return Err(format!(
+                            "filter {arg:?}: the label key is empty (label=KEY or label=KEY=VALUE)"
+                        ));
+                    }
+                    f.label.push(value.to_string());
+                }
+                "dangling" => {
+                    let v = match value {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(format!(
+                                "filter {arg:?}: dangling is true or false, not {value:?}"
+                            ));
+                        }
+                    };
+                    if f.dangling.is_some_and(|d| d != v) {
+                        return Err(
+                            "filters dangling=true and dangling=false exclude each other".into(),
+                        );
+                    }
+                    f.dangling = Some(v);
+                }
+                "name" => f.name.push(value.to_string()),
+                _ => return Err(format!("unknown filter {key:?} (known: {FILTERS})")),
+            }
+        }
+        Ok(f)
+    }
+
+    /// Whether `v` passes every filter.
+    pub fn matches(&self, v: &VolumeInfo) -> bool {
+        let labels_ok = self.label.iter().all(|l| match l.split_once('=') {
+            Some((k, want)) => v.labels.get(k).is_some_and(|have| have == want),
+            None => v.labels.contains_key(l),
+        });
+        let dangling_ok = self.dangling.is_none_or(|d| d == v.mounts.is_empty());
+        let name_ok = self.name.iter().all(|n| v.name.contains(n.as_str()));
+        labels_ok && dangling_ok && name_ok
+    }
 }
 
 /// One mount of a volume.
@@ -50,13 +222,85 @@ pub struct MountInfo {
     pub read_only: bool,
 }
 
-/// What `ls` and `create` report of a volume.
+/// What a volume holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageInfo {
+    /// Bytes stored: file data and symlink targets (the quota counts these).
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+/// A volume as the daemon reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeInfo {
     pub name: String,
     /// Seconds since the epoch.
     pub created: i64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The create options as given.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    #[serde(default)]
+    pub anonymous: bool,
     pub mounts: Vec<MountInfo>,
+    /// The quota (`size=`), if any.
+    #[serde(default)]
+    pub limit_bytes: Option<u64>,
+    /// Measured by `inspect` and `df` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageInfo>,
+}
+
+/// What `rm` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub name: String,
+    /// Mountpoints `force` unmounted.
+    pub unmounted: Vec<PathBuf>,
+    /// Bytes the volume stored.
+    pub bytes: u64,
+}
+
+/// What `prune` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    pub deleted: Vec<String>,
+    /// Bytes the deleted volumes stored.
+    pub bytes: u64,
+}
+
+/// The daemon's version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub version: String,
+    pub protocol: u32,
+}
+
+/// The daemon and its store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    /// The `--root` directory.
+    pub root: PathBuf,
+    /// Bytes the store takes on the host disk (sled files and chunk segments, as allocated).
+    pub store_bytes: u64,
+    pub volumes: u64,
+    pub mounts: u64,
+}
+
+/// The payload of a successful answer, one field named after the variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reply {
+    Volume(VolumeInfo),
+    Volumes(Vec<VolumeInfo>),
+    Removed(Removed),
+    Pruned(Pruned),
+    Version(VersionInfo),
+    Info(DaemonInfo),
 }
 
 /// The daemon's answer.
@@ -65,10 +309,8 @@ pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volume: Option<VolumeInfo>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volumes: Option<Vec<VolumeInfo>>,
+    #[serde(flatten)]
+    pub reply: Option<Reply>,
 }
 
 impl Response {
@@ -76,6 +318,14 @@ impl Response {
         Response {
             ok: true,
             ..Response::default()
+        }
+    }
+
+    pub fn reply(reply: Reply) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            reply: Some(reply),
         }
     }
 
@@ -88,12 +338,51 @@ impl Response {
     }
 }
 
+/// Checks what every request must satisfy before the registry sees it: sizes, counts,
+/// absolute paths. Names, labels and options get their own checks where they are used.
+fn check_limits(req: &Request) -> Result<(), String> {
+    let path_ok = |p: &Path, what: &str| -> Result<(), String> {
+        let len = p.as_os_str().len();
+        if !p.is_absolute() {
+            return Err(format!("{what} {} is not an absolute path", p.display()));
+        }
+        if len > MAX_PATH {
+            return Err(format!("{what} is longer than {MAX_PATH} bytes"));
+        }
+        if p.as_os_str().as_encoded_bytes().contains(&0) {
+            return Err(format!("{what} contains a NUL byte"));
+        }
+        Ok(())
+    };
+    let count = |n: usize, what: &str| {
+        if n > MAX_ENTRIES {
+            Err(format!("more than {MAX_ENTRIES} {what}"))
+        } else {
+            Ok(())
+        }
+    };
+    match req {
+        Request::Create {
+            labels, options, ..
+        } => {
+            count(labels.len(), "labels")?;
+            count(options.len(), "options")
+        }
+        Request::Ls { filters } => count(filters.label.len() + filters.name.len(), "filters"),
+        Request::Mount { path, .. } => path_ok(path, "mountpoint"),
+        Request::Umount { path } => path_ok(path, "mountpoint"),
+        _ => Ok(()),
+    }
+}
+
 /// Parses one request line, with a message that says what was wrong.
 pub fn decode_request(line: &[u8]) -> Result<Request, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!("request longer than {MAX_REQUEST} bytes"));
     }
-    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+    let req = serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
+    check_limits(&req)?;
+    Ok(req)
 }
 
 /// Sends one request to the daemon and waits for its answer.
@@ -106,7 +395,8 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
             socket.display()
         ),
         Some(libc::EACCES) => format!(
-            "permission denied on {}: the control socket is root-only; run volfs as root",
+            "permission denied on {}: the control socket is for root (and the group given \
+             to volfs-mountd --socket-group); run volfs as root or as a member of that group",
             socket.display()
         ),
         _ => format!(
@@ -114,7 +404,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
             socket.display()
         ),
     })?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+    let _ = stream.set_read_timeout(Some(req.timeout()));
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
     (&stream)
@@ -137,22 +427,150 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_garbage_is_a_clear_error() {
-        let r = Request::Mount {
-            name: "a".into(),
-            path: "/m".into(),
-            read_only: true,
-        };
-        let line = serde_json::to_vec(&r).expect("serializable");
-        assert_eq!(decode_request(&line), Ok(r));
+        let reqs = [
+            Request::Mount {
+                name: "a".into(),
+                path: "/m".into(),
+                read_only: true,
+            },
+            Request::Create {
+                name: Some("data".into()),
+                labels: [("k".to_string(), String::new())].into(),
+                options: [("size".to_string(), "1G".to_string())].into(),
+            },
+            Request::Create {
+                name: None,
+                labels: BTreeMap::new(),
+                options: BTreeMap::new(),
+            },
+            Request::Ls {
+                filters: LsFilters::parse(&["label=a=b", "dangling=true", "name=x"])
+                    .expect("filters"),
+            },
+            Request::Rm {
+                name: "x".into(),
+                force: true,
+            },
+            Request::Prune { all: true },
+            Request::Df,
+            Request::Version,
+            Request::Info,
+        ];
+        for r in reqs {
+            let line = serde_json::to_vec(&r).expect("serializable");
+            assert_eq!(decode_request(&line), Ok(r));
+        }
+        assert_eq!(
+            decode_request(br#"{"op":"ls"}"#),
+            Ok(Request::Ls {
+                filters: LsFilters::default()
+            })
+        );
         for bad in [
             &b"{"[..],
             b"{\"op\":\"nope\"}",
-            b"{\"op\":\"create\"}",
+            b"{\"op\":\"create\",\"nmae\":\"x\"}",
+            b"{\"op\":\"ls\",\"filters\":{\"labels\":[]}}",
+            b"{\"op\":\"rm\"}",
+            b"{\"op\":\"mount\",\"name\":\"a\",\"path\":\"rel\"}",
+            b"{\"op\":\"umount\",\"path\":\"/a\\u0000b\"}",
             b"\xff\xfe",
             b"",
         ] {
-            assert!(decode_request(bad).is_err(), "{bad:?}");
+            assert!(
+                decode_request(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(decode_request(&vec![b' '; MAX_REQUEST + 1]).is_err());
+        let many: BTreeMap<String, String> = (0..=MAX_ENTRIES)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
+        let line = serde_json::to_vec(&Request::Create {
+            name: None,
+            labels: many,
+            options: BTreeMap::new(),
+        })
+        .expect("serializable");
+        assert!(decode_request(&line).is_err());
+    }
+
+    #[test]
+    fn responses_carry_one_reply_field() {
+        let v = VolumeInfo {
+            name: "data".into(),
+            created: 5,
+            labels: BTreeMap::new(),
+            options: BTreeMap::new(),
+            anonymous: false,
+            mounts: vec![],
+            limit_bytes: None,
+            usage: None,
+        };
+        let r = Response::reply(Reply::Volumes(vec![v]));
+        let text = serde_json::to_string(&r).expect("json");
+        assert!(
+            text.starts_with(r#"{"ok":true,"volumes":[{"name":"data""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Response>(&text).expect("parse"), r);
+        let ok = serde_json::to_string(&Response::ok()).expect("json");
+        assert_eq!(ok, r#"{"ok":true}"#);
+        assert_eq!(
+            serde_json::from_str::<Response>(&ok).expect("parse"),
+            Response::ok()
+        );
+        let e = Response::err("no such volume: x");
+        let text = serde_json::to_string(&e).expect("json");
+        assert_eq!(text, r#"{"ok":false,"error":"no such volume: x"}"#);
+        assert_eq!(serde_json::from_str::<Response>(&text).expect("parse"), e);
+    }
+
+    #[test]
+    fn filters_parse_match_and_refuse_unknown_keys() {
+        let v = |name: &str, labels: &[(&str, &str)], mounted: bool| VolumeInfo {
+            name: name.into(),
+            created: 0,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            options: BTreeMap::new(),
+            anonymous: false,
+            mounts: if mounted {
+                vec![MountInfo {
+                    path: "/m".into(),
+                    read_only: false,
+                }]
+            } else {
+                vec![]
+            },
+            limit_bytes: None,
+            usage: None,
+        };
+        let web = v("web-data", &[("team", "a"), ("env", "")], true);
+        let db = v("db", &[("team", "b")], false);
+        let f = |args: &[&str]| LsFilters::parse(args).expect("filters");
+        assert!(f(&[]).matches(&web) && f(&[]).matches(&db));
+        assert!(f(&["label=team"]).matches(&db));
+        assert!(f(&["label=team=a"]).matches(&web) && !f(&["label=team=a"]).matches(&db));
+        assert!(f(&["label=env="]).matches(&web) && !f(&["label=env=x"]).matches(&web));
+        assert!(f(&["dangling=true"]).matches(&db) && !f(&["dangling=true"]).matches(&web));
+        assert!(f(&["dangling=false"]).matches(&web) && !f(&["dangling=false"]).matches(&db));
+        assert!(f(&["name=data"]).matches(&web) && !f(&["name=data"]).matches(&db));
+        assert!(!f(&["label=team", "dangling=true", "name=web"]).matches(&web));
+        assert!(f(&["label=team", "label=env", "name=web"]).matches(&web));
+        for (bad, says) in [
+            ("size=1", "unknown filter \"size\""),
+            ("label", "not KEY=VALUE"),
+            ("label=", "label key is empty"),
+            ("label==v", "label key is empty"),
+            ("dangling=maybe", "true or false"),
+        ] {
+            let e = LsFilters::parse(&[bad]).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert!(LsFilters::parse(&["dangling=true", "dangling=false"]).is_err());
     }
 }

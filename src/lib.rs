@@ -13,5 +13,6 @@ pub mod fs;
 pub mod import;
 pub mod keeper;
 pub mod store;
+pub mod units;
 pub mod vfs;
 pub mod volume;

@@ -1,9 +1,18 @@
 //! `volfs`: the command-line client of `volfs-mountd`, in the style of `docker volume`.
+//!
+//! Every command exits 0 on success and 1 on any failure, with `volfs: what failed` on
+//! stderr. Commands taking several names (`inspect`, `rm`) handle each one, report each
+//! failure, and exit 1 if any failed, as Docker does: `inspect a missing` prints the array
+//! with `a` and reports `no such volume: missing`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
-use volfs::api::{self, Request, Response};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use volfs::api::{self, LsFilters, Reply, Request, Response, VolumeInfo};
+use volfs::units::{human_duration, human_size, rfc3339};
+use volfs::volume::key_values;
 
 /// Manage volfs volumes served by volfs-mountd.
 #[derive(Parser, Debug)]
@@ -16,12 +25,62 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create a volume (a no-op if it exists); prints its name.
-    Create { name: String },
+    /// Create a volume and print its name. Without a name, an anonymous volume with a
+    /// random name. Creating an existing volume with the same labels and options is a no-op.
+    Create {
+        name: Option<String>,
+        /// A label KEY=VALUE (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// An option KEY=VALUE (repeatable): readonly=true|false, size=10G, uid=N, gid=N,
+        /// mode=0755, from=/ABSOLUTE/PATH (a directory or tar file to copy in).
+        #[arg(long = "opt", short = 'o', value_name = "KEY=VALUE")]
+        opts: Vec<String>,
+    },
     /// List volumes and where they are mounted.
-    Ls,
+    Ls {
+        /// label=KEY, label=KEY=VALUE, dangling=true|false, name=SUBSTRING (repeatable; all
+        /// must match).
+        #[arg(long = "filter", short = 'f', value_name = "FILTER")]
+        filters: Vec<String>,
+        /// table, or json: one object per line, with the fields of `inspect` (Usage null).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Names only.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Show volumes in detail, as a JSON array.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove volumes and delete their data.
+    Rm {
+        /// Unmount a mounted volume first (otherwise it is refused).
+        #[arg(long, short = 'f')]
+        force: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove unmounted anonymous volumes (with --all, every unmounted volume).
+    Prune {
+        #[arg(long, short = 'a')]
+        all: bool,
+    },
+    /// Show how much each volume holds.
+    Df {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Mount a volume at an existing directory.
     Mount {
         name: String,
@@ -34,12 +93,29 @@ enum Cmd {
     Umount { path: PathBuf },
     /// Unmount everything and stop volfs-mountd (the next start mounts them again).
     Shutdown,
+    /// Show the versions of this client and of the daemon.
+    Version,
+    /// Show the daemon's state: store, volumes, mounts, uptime.
+    Info {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Refused input exits 1 like every other failure (clap's own code is 2);
+            // --help and --version exit 0.
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
     if let Err(e) = run(cli) {
-        eprintln!("volfs: {e}");
+        if !e.is_empty() {
+            eprintln!("volfs: {e}");
+        }
         std::process::exit(1);
     }
 }
@@ -48,55 +124,291 @@ fn absolute(path: PathBuf) -> Result<PathBuf, String> {
     std::path::absolute(&path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Sends `req` and returns the reply of a successful answer.
+fn ask(socket: &std::path::Path, req: &Request) -> Result<Option<Reply>, String> {
+    let Response { ok, error, reply } = api::call(socket, req)?;
+    if !ok {
+        return Err(error.unwrap_or_else(|| "request failed".into()));
+    }
+    Ok(reply)
+}
+
+fn unexpected(reply: Option<Reply>) -> String {
+    format!("unexpected answer from volfs-mountd: {reply:?}")
+}
+
 fn run(cli: Cli) -> Result<(), String> {
-    let req = match cli.cmd {
-        Cmd::Create { name } => Request::Create { name },
-        Cmd::Ls => Request::Ls,
+    let socket = cli.socket.as_path();
+    match cli.cmd {
+        Cmd::Create { name, labels, opts } => {
+            let req = Request::Create {
+                name,
+                labels: key_values(&labels, "label")?,
+                options: key_values(&opts, "option")?,
+            };
+            match ask(socket, &req)? {
+                Some(Reply::Volume(v)) => println!("{}", v.name),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Cmd::Ls {
+            filters,
+            format,
+            quiet,
+        } => {
+            let filters = LsFilters::parse(&filters)?;
+            let vols = match ask(socket, &Request::Ls { filters })? {
+                Some(Reply::Volumes(v)) => v,
+                other => return Err(unexpected(other)),
+            };
+            print_ls(&vols, format, quiet)?;
+        }
+        Cmd::Inspect { names } => {
+            let mut found = Vec::new();
+            let mut failed = false;
+            for name in names {
+                match ask(socket, &Request::Inspect { name }) {
+                    Ok(Some(Reply::Volume(v))) => found.push(v),
+                    Ok(other) => return Err(unexpected(other)),
+                    Err(e) => {
+                        eprintln!("volfs: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            let docker: Vec<DockerVolume<'_>> = found.iter().map(docker_volume).collect();
+            println!("{}", to_json(&docker, true)?);
+            if failed {
+                return Err(String::new());
+            }
+        }
+        Cmd::Rm { force, names } => {
+            let mut failed = false;
+            for name in names {
+                match ask(socket, &Request::Rm { name, force }) {
+                    Ok(Some(Reply::Removed(r))) => println!("{}", r.name),
+                    Ok(other) => return Err(unexpected(other)),
+                    Err(e) => {
+                        eprintln!("volfs: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Err(String::new());
+            }
+        }
+        Cmd::Prune { all } => match ask(socket, &Request::Prune { all })? {
+            Some(Reply::Pruned(p)) => {
+                if !p.deleted.is_empty() {
+                    println!("Deleted Volumes:");
+                    for n in &p.deleted {
+                        println!("{n}");
+                    }
+                    println!();
+                }
+                println!("Total reclaimed space: {}", human_size(p.bytes));
+            }
+            other => return Err(unexpected(other)),
+        },
+        Cmd::Df { format } => {
+            let vols = match ask(socket, &Request::Df)? {
+                Some(Reply::Volumes(v)) => v,
+                other => return Err(unexpected(other)),
+            };
+            print_df(&vols, format)?;
+        }
         Cmd::Mount {
             name,
             path,
             read_only,
-        } => Request::Mount {
-            name,
-            path: absolute(path)?,
-            read_only,
+        } => {
+            let req = Request::Mount {
+                name,
+                path: absolute(path)?,
+                read_only,
+            };
+            ask(socket, &req)?;
+        }
+        Cmd::Umount { path } => {
+            ask(
+                socket,
+                &Request::Umount {
+                    path: absolute(path)?,
+                },
+            )?;
+        }
+        Cmd::Shutdown => {
+            ask(socket, &Request::Shutdown)?;
+        }
+        Cmd::Version => {
+            println!("Client version:  {}", env!("CARGO_PKG_VERSION"));
+            match ask(socket, &Request::Version)? {
+                Some(Reply::Version(v)) => {
+                    println!("Daemon version:  {} (protocol {})", v.version, v.protocol)
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+        Cmd::Info { format } => match ask(socket, &Request::Info)? {
+            Some(Reply::Info(i)) => {
+                if format == Format::Json {
+                    println!("{}", to_json(&i, false)?);
+                } else {
+                    println!("Version:       {}", i.version);
+                    println!("Daemon pid:    {}", i.pid);
+                    println!("Uptime:        {}", human_duration(i.uptime_secs));
+                    println!("Store:         {}", i.root.display());
+                    println!(
+                        "Store size:    {} ({} bytes)",
+                        human_size(i.store_bytes),
+                        i.store_bytes
+                    );
+                    println!("Volumes:       {}", i.volumes);
+                    println!("Mounts:        {}", i.mounts);
+                }
+            }
+            other => return Err(unexpected(other)),
         },
-        Cmd::Umount { path } => Request::Umount {
-            path: absolute(path)?,
-        },
-        Cmd::Shutdown => Request::Shutdown,
-    };
-    let resp = api::call(&cli.socket, &req)?;
-    if !resp.ok {
-        return Err(resp.error.unwrap_or_else(|| "request failed".into()));
     }
-    print(&req, &resp);
     Ok(())
 }
 
-fn print(req: &Request, resp: &Response) {
-    match req {
-        Request::Create { .. } => {
-            if let Some(v) = &resp.volume {
-                println!("{}", v.name);
-            }
-        }
-        Request::Ls => {
-            let vols = resp.volumes.as_deref().unwrap_or_default();
-            let width = vols.iter().map(|v| v.name.len()).max().unwrap_or(0).max(11);
-            println!("{:width$}  MOUNTPOINTS", "VOLUME NAME");
-            for v in vols {
-                let mounts: Vec<String> = v
-                    .mounts
-                    .iter()
-                    .map(|m| {
-                        let ro = if m.read_only { " (ro)" } else { "" };
-                        format!("{}{ro}", m.path.display())
-                    })
-                    .collect();
-                println!("{:width$}  {}", v.name, mounts.join(", "));
-            }
-        }
-        Request::Mount { .. } | Request::Umount { .. } | Request::Shutdown => {}
+fn to_json<T: Serialize>(v: &T, pretty: bool) -> Result<String, String> {
+    let r = if pretty {
+        serde_json::to_string_pretty(v)
+    } else {
+        serde_json::to_string(v)
+    };
+    r.map_err(|e| format!("formatting JSON: {e}"))
+}
+
+/// A volume as `docker volume inspect` shows one.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerVolume<'a> {
+    name: &'a str,
+    driver: &'static str,
+    created_at: String,
+    labels: &'a BTreeMap<String, String>,
+    options: &'a BTreeMap<String, String>,
+    scope: &'static str,
+    mountpoints: Vec<DockerMount<'a>>,
+    usage: Option<DockerUsage>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerMount<'a> {
+    path: &'a std::path::Path,
+    read_only: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerUsage {
+    bytes: u64,
+    inodes: u64,
+    limit_bytes: Option<u64>,
+}
+
+fn docker_volume(v: &VolumeInfo) -> DockerVolume<'_> {
+    DockerVolume {
+        name: &v.name,
+        driver: "volfs",
+        created_at: rfc3339(v.created),
+        labels: &v.labels,
+        options: &v.options,
+        scope: "local",
+        mountpoints: v
+            .mounts
+            .iter()
+            .map(|m| DockerMount {
+                path: &m.path,
+                read_only: m.read_only,
+            })
+            .collect(),
+        usage: v.usage.map(|u| DockerUsage {
+            bytes: u.bytes,
+            inodes: u.inodes,
+            limit_bytes: v.limit_bytes,
+        }),
     }
+}
+
+fn print_ls(vols: &[VolumeInfo], format: Format, quiet: bool) -> Result<(), String> {
+    if quiet {
+        for v in vols {
+            println!("{}", v.name);
+        }
+        return Ok(());
+    }
+    if format == Format::Json {
+        for v in vols {
+            println!("{}", to_json(&docker_volume(v), false)?);
+        }
+        return Ok(());
+    }
+    let width = vols.iter().map(|v| v.name.len()).max().unwrap_or(0).max(11);
+    println!("{:width$}  MOUNTPOINTS", "VOLUME NAME");
+    for v in vols {
+        let mounts: Vec<String> = v
+            .mounts
+            .iter()
+            .map(|m| {
+                let ro = if m.read_only { " (ro)" } else { "" };
+                format!("{}{ro}", m.path.display())
+            })
+            .collect();
+        println!("{:width$}  {}", v.name, mounts.join(", "));
+    }
+    Ok(())
+}
+
+/// One row of `volfs df --format json`.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct DfRow<'a> {
+    name: &'a str,
+    mounts: usize,
+    bytes: u64,
+    size: String,
+    inodes: u64,
+    limit_bytes: Option<u64>,
+}
+
+fn print_df(vols: &[VolumeInfo], format: Format) -> Result<(), String> {
+    let rows: Vec<DfRow<'_>> = vols
+        .iter()
+        .map(|v| {
+            let u = v.usage.unwrap_or_default();
+            DfRow {
+                name: &v.name,
+                mounts: v.mounts.len(),
+                bytes: u.bytes,
+                size: human_size(u.bytes),
+                inodes: u.inodes,
+                limit_bytes: v.limit_bytes,
+            }
+        })
+        .collect();
+    if format == Format::Json {
+        for r in &rows {
+            println!("{}", to_json(r, false)?);
+        }
+        return Ok(());
+    }
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(11);
+    println!(
+        "{:width$}  {:>6}  {:>10}  {:>8}  {:>10}",
+        "VOLUME NAME", "MOUNTS", "SIZE", "INODES", "LIMIT"
+    );
+    for r in &rows {
+        let limit = r.limit_bytes.map_or_else(|| "-".to_string(), human_size);
+        println!(
+            "{:width$}  {:>6}  {:>10}  {:>8}  {:>10}",
+            r.name, r.mounts, r.size, r.inodes, limit
+        );
+    }
+    Ok(())
 }

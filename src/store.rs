@@ -3,6 +3,10 @@
 //! All filesystem state of every volume lives in the single tree `fs`; a multi-key change
 //! (a rename, a write and its size update) is made atomic and crash-consistent by an intent
 //! record ([`Store::commit`]). Volume metadata lives in the tree `volumes`.
+//! A volume being removed is first made unreachable and marked in `doomed` in one
+//! transaction, then its keys are purged ([`Store::purge`]); a purge a crash interrupted is
+//! finished at the next start. A create marks its new id doomed until the name is registered,
+//! so a create that failed or crashed half-way leaves nothing behind either.
 //! Integers in keys are big-endian so that sled's byte order is numeric order.
 //!
 //! | tree      | key                                          | value                              |
@@ -16,6 +20,7 @@
 //! | `fs`      | `vol:u64 'o' ino:u64`                        | empty: inode unlinked while open   |
 //! | `intents` | sequence:u64                                 | a multi-key change being applied ([`Store::commit`]) |
 //! | `mounts`  | mountpoint path (bytes)                      | [`MountRecord`]: the daemon's mount table |
+//! | `doomed`  | vol:u64                                      | [`DoomedRecord`]: every `fs` key of `vol` is to be purged |
 //!
 //! Chunk bytes live in append-only segment files (`crate::chunks`), each version written
 //! once; the `c` key points at the current version.
@@ -29,6 +34,7 @@
 //! lock ([`Store::stripe_locks`]), shared by every user of the store (volumes and the
 //! segment compactor).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -60,6 +66,8 @@ pub struct Store {
     pub volumes: sled::Tree,
     /// The mount table: what the daemon serves again after a restart.
     pub mounts: sled::Tree,
+    /// Volumes whose keys are to be purged (see [`Store::purge`]).
+    doomed: sled::Tree,
     /// Multi-key changes being applied (see [`Store::commit`]).
     intents: sled::Tree,
     intent_seq: Arc<std::sync::atomic::AtomicU64>,
@@ -106,6 +114,9 @@ impl Store {
         let intents = db
             .open_tree("intents")
             .map_err(|e| format!("cannot open tree intents: {e}"))?;
+        let doomed = db
+            .open_tree("doomed")
+            .map_err(|e| format!("cannot open tree doomed: {e}"))?;
         replay_intents(&fs, &intents)?;
         let data = root.join("data");
         let chunks = ChunkStore::open_with(&data, segment_max)
@@ -123,6 +134,7 @@ impl Store {
             fs,
             volumes,
             mounts,
+            doomed,
             intents,
             intent_seq: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             chunks: Arc::new(chunks),
@@ -346,6 +358,157 @@ impl Store {
             .generate_id()
             .map_err(|e| FsError::storage("allocating an inode number", e))?;
         Ok(id + 2)
+    }
+
+    /// A volume's record, `None` if no volume has that name.
+    pub fn volume(&self, name: &str) -> Result<Option<VolumeRecord>, String> {
+        let Some(v) = self
+            .volumes
+            .get(name.as_bytes())
+            .map_err(|e| format!("reading volume {name}: {e}"))?
+        else {
+            return Ok(None);
+        };
+        VolumeRecord::decode(&v)
+            .map(Some)
+            .map_err(|e| format!("the record of volume {name} is corrupt: {e}"))
+    }
+
+    /// Marks the new volume id `vol` doomed before anything of it is written, so that a
+    /// create that fails or is cut short by a crash is purged ([`Store::register`] lifts
+    /// the mark).
+    pub fn begin_create(&self, vol: u64, name: &str) -> Result<(), String> {
+        let mark = DoomedRecord {
+            name: name.to_string(),
+            reason: DoomReason::Creating,
+        };
+        self.doomed
+            .insert(vol.to_be_bytes(), mark.encode())
+            .map_err(|e| format!("recording the creation of volume {name}: {e}"))?;
+        Ok(())
+    }
+
+    /// Gives the volume `rec.id` its name, in one step with lifting its doomed mark. When
+    /// the name is taken already, changes nothing and returns the record holding it.
+    pub fn register(&self, name: &str, rec: &VolumeRecord) -> Result<Option<VolumeRecord>, String> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let bytes = rec.encode();
+        let r = (&self.volumes, &self.doomed).transaction(|(volumes, doomed)| {
+            if let Some(existing) = volumes.get(name.as_bytes())? {
+                return Err(ConflictableTransactionError::Abort(existing));
+            }
+            volumes.insert(name.as_bytes(), bytes.as_slice())?;
+            doomed.remove(&rec.id.to_be_bytes())?;
+            Ok(())
+        });
+        self.note_change();
+        match r {
+            Ok(()) => Ok(None),
+            Err(TransactionError::Abort(existing)) => VolumeRecord::decode(&existing)
+                .map(Some)
+                .map_err(|e| format!("the record of volume {name} is corrupt: {e}")),
+            Err(TransactionError::Storage(e)) => Err(format!("registering volume {name}: {e}")),
+        }
+    }
+
+    /// Removes the name of volume `vol` and marks the volume doomed, in one step. Returns
+    /// false (and changes nothing) when `name` no longer names `vol`.
+    pub fn unregister(&self, name: &str, vol: u64) -> Result<bool, String> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let mark = DoomedRecord {
+            name: name.to_string(),
+            reason: DoomReason::Removed,
+        }
+        .encode();
+        let r = (&self.volumes, &self.doomed).transaction(|(volumes, doomed)| {
+            let current = volumes.get(name.as_bytes())?;
+            if current
+                .as_deref()
+                .and_then(|v| VolumeRecord::decode(v).ok())
+                .is_none_or(|r| r.id != vol)
+            {
+                return Err(ConflictableTransactionError::Abort(()));
+            }
+            volumes.remove(name.as_bytes())?;
+            doomed.insert(&vol.to_be_bytes(), mark.as_slice())?;
+            Ok(())
+        });
+        self.note_change();
+        match r {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(format!("removing volume {name}: {e}")),
+        }
+    }
+
+    /// The doomed volumes: `(vol, record)`.
+    pub fn doomed(&self) -> Result<Vec<(u64, DoomedRecord)>, String> {
+        let mut out = Vec::new();
+        for item in self.doomed.iter() {
+            let (k, v) = item.map_err(|e| format!("listing removed volumes: {e}"))?;
+            if k.len() != 8 {
+                tracing::error!("ignoring a malformed doomed key {:?}", k.as_ref());
+                continue;
+            }
+            let rec = DoomedRecord::decode(&v).unwrap_or(DoomedRecord {
+                name: String::new(),
+                reason: DoomReason::Removed,
+            });
+            out.push((be_u64(&k), rec));
+        }
+        Ok(out)
+    }
+
+    /// Deletes every `fs` key of the doomed volume `vol` and releases its chunk versions
+    /// (their segment space comes back through hole punching and compaction), then lifts
+    /// the mark and syncs. Nothing may use the volume any more. Returns the chunk bytes
+    /// released.
+    ///
+    /// Chunk keys are removed under their inode's stripe lock, as the compactor moves
+    /// chunks under it: a chunk it moves is either moved before the removal (and the moved
+    /// version released) or skipped.
+    pub fn purge(&self, vol: u64) -> Result<u64, String> {
+        let prefix = vol.to_be_bytes();
+        let mut released = 0u64;
+        loop {
+            let keys: Vec<sled::IVec> = self
+                .fs
+                .scan_prefix(prefix)
+                .keys()
+                .take(1024)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("listing the keys of volume {vol}: {e}"))?;
+            if keys.is_empty() {
+                break;
+            }
+            let inos: Vec<u64> = keys
+                .iter()
+                .filter(|k| k.len() == 25 && k[8] == TAG_CHUNK)
+                .map(|k| be_u64(&k[9..17]))
+                .collect();
+            let _l = self.stripe_locks(vol, &inos);
+            self.note_change();
+            for k in &keys {
+                let old = self
+                    .fs
+                    .remove(k)
+                    .map_err(|e| format!("purging volume {vol}: {e}"))?;
+                if k.len() == 25 && k[8] == TAG_CHUNK {
+                    if let Some(p) = old.as_deref().and_then(ChunkPtr::decode) {
+                        self.chunks.release(&p);
+                        released += u64::from(p.len);
+                    }
+                }
+            }
+        }
+        self.doomed
+            .remove(prefix)
+            .map_err(|e| format!("finishing the purge of volume {vol}: {e}"))?;
+        self.sync()
+            .map_err(|e| format!("making the purge of volume {vol} durable: {e}"))?;
+        Ok(released)
     }
 }
 
@@ -801,12 +964,60 @@ pub struct MountRecord {
     pub read_only: bool,
 }
 
-/// A volume's record in the `volumes` tree.
+/// A volume's record in the `volumes` tree (JSON; fields added later default when absent,
+/// so records written by older versions still read).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VolumeRecord {
     pub version: u8,
     pub id: u64,
+    /// Seconds since the epoch.
     pub created: i64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The create options as given (validated when given: see `crate::volume::VolumeOptions`).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Created without a name (a random one was chosen): `prune` removes it.
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+impl VolumeRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising maps of strings cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<VolumeRecord, serde_json::Error> {
+        serde_json::from_slice(b)
+    }
+}
+
+/// Why a volume is doomed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DoomReason {
+    /// Being created: doomed until registered under its name.
+    Creating,
+    /// Removed by `rm` or `prune`.
+    Removed,
+}
+
+/// A value in the `doomed` tree (JSON), for logs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DoomedRecord {
+    pub name: String,
+    pub reason: DoomReason,
+}
+
+impl DoomedRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(b: &[u8]) -> Option<DoomedRecord> {
+        serde_json::from_slice(b).ok()
+    }
 }
 
 #[cfg(test)]
@@ -857,6 +1068,76 @@ mod tests {
         assert_eq!(keys, vec![b"a".to_vec(), b"c3".to_vec()]);
         assert!(intents.is_empty());
         assert_eq!(prefix_end(&[1, 0xFF]), vec![2]);
+    }
+
+    #[test]
+    fn unregister_dooms_in_one_step_and_a_purge_after_restart_removes_every_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vol_a, vol_b) = (5u64, 6u64);
+        let put_volume = |store: &Store, vol: u64, name: &str| {
+            store.begin_create(vol, name).expect("begin");
+            store
+                .fs
+                .insert(inode_key(vol, ROOT_INO), b"root".to_vec())
+                .expect("inode");
+            store
+                .fs
+                .insert(xattr_key(vol, 9, b"user.a"), b"x".to_vec())
+                .expect("xattr");
+            let key = chunk_key(vol, 9, 0);
+            let ptr = store
+                .chunks
+                .append(&[(&key, &[7u8; 1000])])
+                .expect("append")
+                .ptrs()[0];
+            store.fs.insert(key, ptr.encode()).expect("chunk");
+            let rec = VolumeRecord {
+                version: 1,
+                id: vol,
+                created: 0,
+                labels: BTreeMap::new(),
+                options: BTreeMap::new(),
+                anonymous: false,
+            };
+            assert_eq!(store.register(name, &rec), Ok(None));
+            // A second registration of the name changes nothing and reports the holder.
+            let other = VolumeRecord {
+                id: 99,
+                ..rec.clone()
+            };
+            assert_eq!(store.register(name, &other), Ok(Some(rec)));
+        };
+        {
+            let store = Store::open(dir.path()).expect("store");
+            put_volume(&store, vol_a, "aa");
+            put_volume(&store, vol_b, "bb");
+            assert_eq!(store.doomed(), Ok(vec![]));
+            assert_eq!(store.unregister("aa", vol_b), Ok(false));
+            assert_eq!(store.unregister("aa", vol_a), Ok(true));
+            assert_eq!(store.unregister("aa", vol_a), Ok(false));
+            store.sync().expect("sync");
+            // "Crash" before the purge.
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.volume("aa"), Ok(None));
+        let doomed = store.doomed().expect("doomed");
+        assert_eq!(doomed.len(), 1);
+        assert_eq!(doomed[0].0, vol_a);
+        assert_eq!(doomed[0].1.reason, DoomReason::Removed);
+        assert_eq!(store.purge(vol_a), Ok(1000));
+        assert_eq!(store.fs.scan_prefix(vol_a.to_be_bytes()).count(), 0);
+        assert_eq!(store.fs.scan_prefix(vol_b.to_be_bytes()).count(), 3);
+        assert_eq!(store.doomed(), Ok(vec![]));
+        assert_eq!(store.volume("bb").expect("bb").map(|r| r.id), Some(vol_b));
+    }
+
+    #[test]
+    fn volume_records_of_older_versions_still_read() {
+        let old = br#"{"version":1,"id":7,"created":1700000000}"#;
+        let r = VolumeRecord::decode(old).expect("old record");
+        assert_eq!((r.id, r.created, r.anonymous), (7, 1_700_000_000, false));
+        assert!(r.labels.is_empty() && r.options.is_empty());
+        assert_eq!(VolumeRecord::decode(&r.encode()).expect("round trip"), r);
     }
 
     #[test]

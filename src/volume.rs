@@ -1,16 +1,25 @@
-//! Volumes and their mounts, as the daemon keeps them.
+//! Volumes and their mounts, as the daemon keeps them: the lifecycle (create, list,
+//! inspect, remove, prune, usage) and the mounts.
 //!
 //! Invariants: one [`SledFs`] per volume, shared by all of its mounts (so open-handle counts
 //! and locks are per volume, not per mount); a mountpoint holds at most one volfs mount.
+//! A volume's options are fixed at creation. `rm` holds the mount table's lock from its
+//! "not mounted" check to the durable removal of the name, and `mount` holds it from
+//! reading the volume's record to the mount's registration, so the two never interleave:
+//! a mount racing a removal either comes first (and the removal is refused, or undoes it
+//! with `force`) or finds no volume.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crate::api::{MountInfo, Request, Response, VolumeInfo};
+use crate::api::{
+    self, DaemonInfo, LsFilters, MountInfo, Pruned, Removed, Reply, Request, Response, UsageInfo,
+    VersionInfo, VolumeInfo,
+};
 use crate::fs::{self, Gate, MountSpec, Mounted};
 use crate::keeper::{HeldMount, Keeper};
 use crate::store::{MountRecord, Store, Timestamp, VolumeRecord};
@@ -38,6 +47,7 @@ pub struct Registry {
     mounts: Mutex<BTreeMap<PathBuf, MountEntry>>,
     gate: Arc<Gate>,
     keeper: Keeper,
+    root: PathBuf,
     started: Instant,
 }
 
@@ -64,6 +74,233 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// The create options volfs knows, for messages.
+pub const OPTIONS: &str = "readonly=true|false, size=BYTES (e.g. 10G), uid=N, gid=N, \
+     mode=OCTAL (e.g. 0755), from=/ABSOLUTE/PATH (a directory or tar file to copy in)";
+
+/// Longest label key, and longest label or option value.
+const MAX_KEY: usize = 255;
+const MAX_VALUE: usize = 4096;
+
+/// A volume's create options, parsed. The record keeps them as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeOptions {
+    /// Every mount is read-only.
+    pub read_only: bool,
+    /// Quota on the bytes stored.
+    pub size: Option<u64>,
+    /// Owner and mode of the volume's root directory.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mode: Option<u32>,
+    /// A host directory or tar file the volume starts as a copy of.
+    pub from: Option<PathBuf>,
+}
+
+impl VolumeOptions {
+    /// Validates every option; an unknown one is refused by name.
+    pub fn parse(options: &BTreeMap<String, String>) -> Result<VolumeOptions, String> {
+        let mut o = VolumeOptions::default();
+        for (k, v) in options {
+            let norm = normalize_option(k, v)?;
+            match k.as_str() {
+                "readonly" => o.read_only = norm == "true",
+                "size" => o.size = norm.parse().ok(),
+                "uid" => o.uid = norm.parse().ok(),
+                "gid" => o.gid = norm.parse().ok(),
+                "mode" => o.mode = u32::from_str_radix(&norm, 8).ok(),
+                "from" => o.from = Some(PathBuf::from(norm)),
+                _ => unreachable!("normalize_option refuses unknown options"),
+            }
+        }
+        Ok(o)
+    }
+
+    /// The options of a stored volume (validated when it was created).
+    pub fn of(rec: &VolumeRecord) -> VolumeOptions {
+        VolumeOptions::parse(&rec.options).unwrap_or_else(|e| {
+            tracing::error!(id = rec.id, "ignoring the stored options of a volume: {e}");
+            VolumeOptions::default()
+        })
+    }
+}
+
+/// Checks one option and returns its value in one canonical spelling, so that `size=1G`
+/// and `size=1073741824` compare equal.
+fn normalize_option(key: &str, value: &str) -> Result<String, String> {
+    if value.len() > MAX_VALUE {
+        return Err(format!("option {key}: value longer than {MAX_VALUE} bytes"));
+    }
+    let id = |v: &str| -> Result<String, String> {
+        match v.parse::<u32>() {
+            // (uid_t)-1 means "leave unchanged" to chown: not an owner.
+            Ok(n) if n != u32::MAX && v.bytes().all(|b| b.is_ascii_digit()) => Ok(n.to_string()),
+            _ => Err(format!(
+                "option {key}={v:?}: expected a number from 0 to {}",
+                u32::MAX - 1
+            )),
+        }
+    };
+    match key {
+        "readonly" => match value {
+            "true" | "false" => Ok(value.to_string()),
+            _ => Err(format!("option readonly={value:?}: expected true or false")),
+        },
+        "size" => match crate::units::parse_size(value) {
+            Ok(0) => Err("option size=0: a quota must be at least 1 byte".into()),
+            Ok(n) => Ok(n.to_string()),
+            Err(e) => Err(format!("option size: {e}")),
+        },
+        "uid" | "gid" => id(value),
+        "mode" => {
+            let ok = !value.is_empty()
+                && value.len() <= 5
+                && value.bytes().all(|b| (b'0'..=b'7').contains(&b));
+            match u32::from_str_radix(value, 8) {
+                Ok(m) if ok && m <= 0o7777 => Ok(format!("{m:o}")),
+                _ => Err(format!(
+                    "option mode={value:?}: expected octal permission bits from 0 to 7777, e.g. 0755"
+                )),
+            }
+        }
+        "from" => {
+            let p = Path::new(value);
+            if !p.is_absolute() {
+                return Err(format!("option from={value:?}: must be an absolute path"));
+            }
+            if value.contains('\0') {
+                return Err(format!("option from={value:?}: contains a NUL byte"));
+            }
+            // One spelling per path: `/a//b/` and `/a/b` are the same source.
+            Ok(p.components().collect::<PathBuf>().display().to_string())
+        }
+        _ => Err(format!("unknown option {key:?} (known options: {OPTIONS})")),
+    }
+}
+
+/// Checks labels: keys non-empty, no control characters, bounded sizes. Values may be
+/// empty.
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    for (k, v) in labels {
+        if k.is_empty() {
+            return Err("a label key is empty (labels are KEY=VALUE)".into());
+        }
+        if k.len() > MAX_KEY {
+            return Err(format!("label key {k:?} is longer than {MAX_KEY} bytes"));
+        }
+        if k.contains('=') {
+            return Err(format!("label key {k:?} contains '='"));
+        }
+        if v.len() > MAX_VALUE {
+            return Err(format!("label {k}: value longer than {MAX_VALUE} bytes"));
+        }
+        if k.chars().chain(v.chars()).any(char::is_control) {
+            return Err(format!("label {k:?} contains a control character"));
+        }
+    }
+    Ok(())
+}
+
+/// Splits a `KEY=VALUE` argument (`what` is "label" or "option", for messages).
+pub fn parse_key_value(arg: &str, what: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some(("", _)) => Err(format!("{what} {arg:?} has an empty key (write KEY=VALUE)")),
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => Err(format!("{what} {arg:?} is not KEY=VALUE")),
+    }
+}
+
+/// Collects `KEY=VALUE` arguments into a map; a key given twice is refused.
+pub fn key_values<S: AsRef<str>>(
+    args: &[S],
+    what: &str,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut map = BTreeMap::new();
+    for a in args {
+        let (k, v) = parse_key_value(a.as_ref(), what)?;
+        if map.contains_key(&k) {
+            return Err(format!("{what} {k:?} is given twice"));
+        }
+        map.insert(k, v);
+    }
+    Ok(map)
+}
+
+/// Crash tests: `VOLFS_FAILPOINTS=NAME[,NAME…]` makes the daemon SIGKILL itself at these
+/// points, as a crash there would stop it. Points: `create-before-register`, `rm-before-purge`.
+fn failpoint(name: &str) {
+    static POINTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let points = POINTS.get_or_init(|| {
+        std::env::var("VOLFS_FAILPOINTS")
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    });
+    if points.iter().any(|p| p == name) {
+        tracing::error!("failpoint {name}: killing the daemon");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// A random name for an anonymous volume: 64 hex digits, as Docker's.
+fn random_name() -> Result<String, String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("reading /dev/urandom for a volume name: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What differs between a volume and a create of the same name, one line per difference.
+fn differences(
+    rec: &VolumeRecord,
+    labels: &BTreeMap<String, String>,
+    options: &BTreeMap<String, String>,
+) -> Vec<String> {
+    fn compare(
+        out: &mut Vec<String>,
+        what: &str,
+        have: &BTreeMap<String, String>,
+        want: &BTreeMap<String, String>,
+        same: impl Fn(&str, &str, &str) -> bool,
+    ) {
+        let keys: BTreeSet<&String> = have.keys().chain(want.keys()).collect();
+        for k in keys {
+            let line = match (have.get(k), want.get(k)) {
+                (Some(a), Some(b)) if same(k, a, b) => continue,
+                (Some(a), Some(b)) => format!("{what} {k}: the volume has {a:?}, not {b:?}"),
+                (Some(a), None) => format!("{what} {k}: the volume has {a:?}, this create none"),
+                (None, Some(b)) => format!("{what} {k}: the volume has none, this create {b:?}"),
+                (None, None) => continue,
+            };
+            out.push(line);
+        }
+    }
+    let mut out = Vec::new();
+    compare(&mut out, "label", &rec.labels, labels, |_, a, b| a == b);
+    compare(&mut out, "option", &rec.options, options, |k, a, b| {
+        a == b
+            || matches!((normalize_option(k, a), normalize_option(k, b)), (Ok(x), Ok(y)) if x == y)
+    });
+    out
+}
+
+/// Bytes allocated on the host for the files under `dir` (recursively).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 impl Registry {
     /// Opens the store, connects to (or starts) the keeper and serves the mount table.
     pub fn open(root: &Path) -> Result<Registry, String> {
@@ -71,22 +308,41 @@ impl Registry {
         store
             .spawn_maintenance()
             .map_err(|e| format!("starting the maintenance thread: {e}"))?;
+        let doomed = store.doomed()?;
+        if !doomed.is_empty() {
+            // Removals (or creates) a crash interrupted: finish them in the background.
+            let s = store.clone();
+            std::thread::Builder::new()
+                .name("purge".into())
+                .spawn(move || {
+                    for (vol, rec) in doomed {
+                        match s.purge(vol) {
+                            Ok(bytes) => tracing::info!(
+                                volume = rec.name,
+                                id = vol,
+                                bytes,
+                                reason = ?rec.reason,
+                                "finished purging a volume a crash left half-removed"
+                            ),
+                            Err(e) => tracing::error!(volume = rec.name, id = vol, "{e}"),
+                        }
+                    }
+                })
+                .map_err(|e| format!("starting the purge thread: {e}"))?;
+        }
         let keeper = Keeper::new(root);
         keeper.connect()?;
         let reg = Registry {
             store,
             open: Mutex::new(HashMap::new()),
             mounts: Mutex::new(BTreeMap::new()),
+            root: root.to_path_buf(),
             gate: Arc::new(Gate::default()),
             keeper,
             started: Instant::now(),
         };
         reg.restore();
         Ok(reg)
-    }
-
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
     }
 
     fn table(&self) -> Vec<(PathBuf, MountRecord)> {
@@ -251,38 +507,43 @@ impl Registry {
     /// Answers one control request.
     pub fn handle(&self, req: Request) -> Response {
         let r = match req {
-            Request::Create { name } => self.create(&name).map(|v| Response {
-                volume: Some(v),
-                ..Response::ok()
-            }),
-            Request::Ls => self.list().map(|v| Response {
-                volumes: Some(v),
-                ..Response::ok()
-            }),
+            Request::Create {
+                name,
+                labels,
+                options,
+            } => self
+                .create(name.as_deref(), &labels, &options)
+                .map(|v| Some(Reply::Volume(v))),
+            Request::Ls { filters } => self.list(&filters).map(|v| Some(Reply::Volumes(v))),
+            Request::Inspect { name } => self.inspect(&name).map(|v| Some(Reply::Volume(v))),
+            Request::Df => self.df().map(|v| Some(Reply::Volumes(v))),
+            Request::Rm { name, force } => {
+                self.remove(&name, force).map(|r| Some(Reply::Removed(r)))
+            }
+            Request::Prune { all } => self.prune(all).map(|p| Some(Reply::Pruned(p))),
             Request::Mount {
                 name,
                 path,
                 read_only,
-            } => self.mount(&name, &path, read_only).map(|()| Response::ok()),
-            Request::Umount { path } => self.umount(&path).map(|()| Response::ok()),
+            } => self.mount(&name, &path, read_only).map(|()| None),
+            Request::Umount { path } => self.umount(&path).map(|()| None),
+            Request::Version => Ok(Some(Reply::Version(VersionInfo {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                protocol: api::PROTOCOL,
+            }))),
+            Request::Info => self.daemon_info().map(|i| Some(Reply::Info(i))),
             // The daemon's control loop does this itself: it must exit afterwards.
             Request::Shutdown => Err("shutdown is handled by the daemon's control loop".into()),
         };
-        r.unwrap_or_else(Response::err)
+        match r {
+            Ok(Some(reply)) => Response::reply(reply),
+            Ok(None) => Response::ok(),
+            Err(e) => Response::err(e),
+        }
     }
 
     fn record(&self, name: &str) -> Result<Option<VolumeRecord>, String> {
-        let Some(v) = self
-            .store
-            .volumes
-            .get(name.as_bytes())
-            .map_err(|e| format!("reading volume {name}: {e}"))?
-        else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|e| format!("the record of volume {name} is corrupt: {e}"))
+        self.store.volume(name)
     }
 
     fn info(&self, name: &str, rec: &VolumeRecord) -> VolumeInfo {
@@ -297,15 +558,51 @@ impl Registry {
         VolumeInfo {
             name: name.to_string(),
             created: rec.created,
+            labels: rec.labels.clone(),
+            options: rec.options.clone(),
+            anonymous: rec.anonymous,
             mounts,
+            limit_bytes: VolumeOptions::of(rec).size,
+            usage: None,
         }
     }
 
-    /// Creates a volume; creating an existing one is a no-op, as with Docker.
-    pub fn create(&self, name: &str) -> Result<VolumeInfo, String> {
-        validate_name(name)?;
-        if let Some(rec) = self.record(name)? {
-            return Ok(self.info(name, &rec));
+    /// What volume `id` holds: from the counters of the open volume, or by a scan of its
+    /// inode records.
+    fn usage(&self, id: u64) -> Result<UsageInfo, String> {
+        let open = lock(&self.open).get(&id).map(|(fs, _)| fs.clone());
+        let u = match open {
+            Some(fs) => fs.usage(),
+            None => SledFs::scan_usage(&self.store, id)
+                .map_err(|e| format!("measuring a volume: {e}"))?,
+        };
+        Ok(UsageInfo {
+            bytes: u.bytes,
+            inodes: u.inodes,
+        })
+    }
+
+    /// Creates a volume (`name` None: an anonymous one with a random name). Creating an
+    /// existing volume with the same labels and options answers that volume, as with
+    /// Docker; other labels or options are an error saying what differs. A create that
+    /// fails leaves nothing behind.
+    pub fn create(
+        &self,
+        name: Option<&str>,
+        labels: &BTreeMap<String, String>,
+        options: &BTreeMap<String, String>,
+    ) -> Result<VolumeInfo, String> {
+        if let Some(name) = name {
+            validate_name(name)?;
+        }
+        validate_labels(labels)?;
+        let opts = VolumeOptions::parse(options)?;
+        let (name, anonymous) = match name {
+            Some(n) => (n.to_string(), false),
+            None => (random_name()?, true),
+        };
+        if let Some(rec) = self.record(&name)? {
+            return self.existing(&name, &rec, labels, options);
         }
         let id = self
             .store
@@ -313,46 +610,310 @@ impl Registry {
             .generate_id()
             .map_err(|e| format!("allocating a volume id: {e}"))?
             + 1;
-        // The root inode goes first: a crash before the registry entry leaves only an
-        // unreachable root under an id that is never reused.
-        SledFs::init_volume(&self.store, id, 0, 0, 0o755)
-            .map_err(|e| format!("creating volume {name}: {e}"))?;
+        // Doomed until registered: a failure or a crash from here on leaves only a mark
+        // that gets the id's keys purged.
+        self.store.begin_create(id, &name)?;
+        // The content is durable before a name points at it (and a crash from here on
+        // leaves a doomed mark that is sure to be found).
+        let built = self.build(id, &name, &opts).and_then(|()| {
+            self.store
+                .sync()
+                .map_err(|e| format!("making volume {name} durable: {e}"))
+        });
+        if let Err(e) = built {
+            self.discard(id, &name);
+            return Err(e);
+        }
+        failpoint("create-before-register");
         let rec = VolumeRecord {
             version: 1,
             id,
             created: Timestamp::now().secs,
+            labels: labels.clone(),
+            options: options.clone(),
+            anonymous,
         };
-        let bytes = serde_json::to_vec(&rec).map_err(|e| e.to_string())?;
-        let prev = self
+        let registered = self
             .store
-            .volumes
-            .compare_and_swap(name.as_bytes(), None as Option<&[u8]>, Some(bytes))
-            .map_err(|e| format!("registering volume {name}: {e}"))?;
-        if prev.is_err() {
-            // Lost a race with another create of the same name: that one stands.
-            return self
-                .record(name)?
-                .map(|r| self.info(name, &r))
-                .ok_or_else(|| format!("volume {name} vanished while being created"));
+            .register(&name, &rec)
+            .inspect_err(|_| self.discard(id, &name))?;
+        if let Some(winner) = registered {
+            // Another create of the same name came first: that one stands.
+            self.discard(id, &name);
+            return self.existing(&name, &winner, labels, options);
         }
         self.store
             .sync()
             .map_err(|e| format!("making volume {name} durable: {e}"))?;
-        tracing::info!(volume = name, id, "created volume");
-        Ok(self.info(name, &rec))
+        tracing::info!(volume = name, id, ?options, ?labels, "created volume");
+        Ok(self.info(&name, &rec))
     }
 
-    pub fn list(&self) -> Result<Vec<VolumeInfo>, String> {
+    /// The answer to creating a volume that exists.
+    fn existing(
+        &self,
+        name: &str,
+        rec: &VolumeRecord,
+        labels: &BTreeMap<String, String>,
+        options: &BTreeMap<String, String>,
+    ) -> Result<VolumeInfo, String> {
+        let diff = differences(rec, labels, options);
+        if diff.is_empty() {
+            return Ok(self.info(name, rec));
+        }
+        Err(format!(
+            "volume {name} already exists with other labels or options: {} \
+             (create it with the same ones, or remove it first with `volfs rm {name}`)",
+            diff.join("; ")
+        ))
+    }
+
+    /// Writes what a new volume starts with: its root directory, and with `from=` a copy
+    /// of that tree (whose root the volume root becomes, except for what `uid=`, `gid=`
+    /// and `mode=` set).
+    fn build(&self, id: u64, name: &str, opts: &VolumeOptions) -> Result<(), String> {
+        SledFs::init_volume(
+            &self.store,
+            id,
+            opts.uid.unwrap_or(0),
+            opts.gid.unwrap_or(0),
+            opts.mode.unwrap_or(0o755),
+        )
+        .map_err(|e| format!("creating volume {name}: {e}"))?;
+        let Some(from) = &opts.from else {
+            return Ok(());
+        };
+        let fs = SledFs::open(self.store.clone(), id, name)
+            .map_err(|e| format!("opening new volume {name}: {e}"))?;
+        fs.set_limit(opts.size);
+        let t0 = Instant::now();
+        let stats = crate::import::import(&fs, from).map_err(|e| match opts.size {
+            Some(size) => format!(
+                "creating volume {name} (quota size={}): {e}",
+                crate::units::human_size(size)
+            ),
+            None => format!("creating volume {name}: {e}"),
+        })?;
+        if opts.uid.is_some() || opts.gid.is_some() || opts.mode.is_some() {
+            let set = crate::vfs::SetAttr {
+                uid: opts.uid,
+                gid: opts.gid,
+                mode: opts.mode,
+                ..crate::vfs::SetAttr::default()
+            };
+            let root = crate::vfs::Ctx {
+                uid: 0,
+                gid: 0,
+                pid: 0,
+            };
+            fs.setattr(&root, crate::store::ROOT_INO, &set)
+                .map_err(|e| format!("setting the root of volume {name}: {e}"))?;
+        }
+        tracing::info!(
+            volume = name,
+            from = %from.display(),
+            files = stats.files,
+            dirs = stats.dirs,
+            symlinks = stats.symlinks,
+            hardlinks = stats.hardlinks,
+            bytes = stats.bytes,
+            secs = t0.elapsed().as_secs_f64(),
+            "imported"
+        );
+        Ok(())
+    }
+
+    /// Purges a volume id whose create failed or lost a race.
+    fn discard(&self, id: u64, name: &str) {
+        if let Err(e) = self.store.purge(id) {
+            // The doomed mark stays: the next start finishes the purge.
+            tracing::error!(volume = name, id, "discarding a failed create: {e}");
+        }
+    }
+
+    /// Volumes passing `filters`, without measuring them.
+    pub fn list(&self, filters: &LsFilters) -> Result<Vec<VolumeInfo>, String> {
         let mut out = Vec::new();
         for item in self.store.volumes.iter() {
             let (k, v) = item.map_err(|e| format!("listing volumes: {e}"))?;
             let name = String::from_utf8_lossy(&k).into_owned();
-            match serde_json::from_slice::<VolumeRecord>(&v) {
-                Ok(rec) => out.push(self.info(&name, &rec)),
+            match VolumeRecord::decode(&v) {
+                Ok(rec) => {
+                    let info = self.info(&name, &rec);
+                    if filters.matches(&info) {
+                        out.push(info);
+                    }
+                }
                 Err(e) => tracing::error!(volume = name, "skipping corrupt volume record: {e}"),
             }
         }
         Ok(out)
+    }
+
+    fn no_such_volume(name: &str) -> String {
+        format!("no such volume: {name}")
+    }
+
+    /// One volume with its usage.
+    pub fn inspect(&self, name: &str) -> Result<VolumeInfo, String> {
+        validate_name(name)?;
+        let rec = self
+            .record(name)?
+            .ok_or_else(|| Self::no_such_volume(name))?;
+        let mut info = self.info(name, &rec);
+        info.usage = Some(self.usage(rec.id)?);
+        Ok(info)
+    }
+
+    /// Every volume with its usage.
+    pub fn df(&self) -> Result<Vec<VolumeInfo>, String> {
+        let mut out = self.list(&LsFilters::default())?;
+        for v in &mut out {
+            // A volume removed since the listing is left out.
+            if let Some(rec) = self.record(&v.name)? {
+                v.usage = Some(self.usage(rec.id)?);
+            }
+        }
+        out.retain(|v| v.usage.is_some());
+        Ok(out)
+    }
+
+    /// Removes a volume and deletes its data. A mounted volume is refused, unless `force`:
+    /// then its mounts are unmounted first.
+    pub fn remove(&self, name: &str, force: bool) -> Result<Removed, String> {
+        validate_name(name)?;
+        let mut unmounted = Vec::new();
+        // Each round either removes the volume, fails, or unmounts what was mounted; a
+        // volume mounted again and again between rounds is given up on.
+        for _ in 0..8 {
+            let rec = self
+                .record(name)?
+                .ok_or_else(|| Self::no_such_volume(name))?;
+            let bytes = self.usage(rec.id).map(|u| u.bytes).unwrap_or(0);
+            let mounts = lock(&self.mounts);
+            let here: Vec<PathBuf> = mounts
+                .iter()
+                .filter(|(_, m)| m.volume == name)
+                .map(|(p, _)| p.clone())
+                .collect();
+            if !here.is_empty() {
+                let list: Vec<String> = here.iter().map(|p| p.display().to_string()).collect();
+                if !force {
+                    return Err(format!(
+                        "volume {name} is in use: mounted at {}; unmount it first \
+                         (`volfs umount PATH`) or use `volfs rm --force {name}`",
+                        list.join(", ")
+                    ));
+                }
+                drop(mounts);
+                for p in here {
+                    match self.umount(&p) {
+                        Ok(()) => unmounted.push(p),
+                        // Unmounted by someone else meanwhile.
+                        Err(e) => tracing::debug!("rm --force {name}: {e}"),
+                    }
+                }
+                continue;
+            }
+            // Still holding the mount table: no mount of this volume can begin until the
+            // name is gone.
+            if !self.store.unregister(name, rec.id)? {
+                continue; // removed, or removed and created again, meanwhile
+            }
+            let opened = lock(&self.open).remove(&rec.id);
+            drop(mounts);
+            self.store
+                .sync()
+                .map_err(|e| format!("making the removal of volume {name} durable: {e}"))?;
+            tracing::info!(volume = name, id = rec.id, ?unmounted, "removed volume");
+            failpoint("rm-before-purge");
+            self.purge(rec.id, name, opened.map(|(fs, _)| Arc::downgrade(&fs)));
+            return Ok(Removed {
+                name: name.to_string(),
+                unmounted,
+                bytes,
+            });
+        }
+        Err(format!(
+            "volume {name} kept being mounted while `rm --force` unmounted it; try again"
+        ))
+    }
+
+    /// Deletes the keys of a removed volume now, or once nothing uses its filesystem any
+    /// more (a mount detached while busy serves its open files until they close).
+    fn purge(&self, id: u64, name: &str, fs: Option<Weak<SledFs>>) {
+        let in_use = fs.as_ref().is_some_and(|w| w.strong_count() > 0);
+        if !in_use {
+            if let Err(e) = self.store.purge(id) {
+                tracing::error!(volume = name, id, "purging a removed volume: {e}");
+            }
+            return;
+        }
+        tracing::info!(
+            volume = name,
+            id,
+            "volume still in use by a detached mount: purging once it is released"
+        );
+        let store = self.store.clone();
+        let name = name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name("purge".into())
+            .spawn(move || {
+                while fs.as_ref().is_some_and(|w| w.strong_count() > 0) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                match store.purge(id) {
+                    Ok(bytes) => tracing::info!(volume = name, id, bytes, "purged removed volume"),
+                    Err(e) => tracing::error!(volume = name, id, "purging a removed volume: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(
+                id,
+                "starting a purge thread: {e}; the next start purges the volume"
+            );
+        }
+    }
+
+    /// Removes unmounted anonymous volumes (`all`: every unmounted volume).
+    pub fn prune(&self, all: bool) -> Result<Pruned, String> {
+        let mut pruned = Pruned::default();
+        for v in self.list(&LsFilters {
+            dangling: Some(true),
+            ..LsFilters::default()
+        })? {
+            if !(all || v.anonymous) {
+                continue;
+            }
+            // A volume mounted or removed since the listing is skipped.
+            match self.remove(&v.name, false) {
+                Ok(r) => {
+                    pruned.deleted.push(r.name);
+                    pruned.bytes += r.bytes;
+                }
+                Err(e) => tracing::info!(volume = v.name, "prune skips it: {e}"),
+            }
+        }
+        Ok(pruned)
+    }
+
+    fn daemon_info(&self) -> Result<DaemonInfo, String> {
+        Ok(DaemonInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            root: self.root.clone(),
+            store_bytes: disk_usage(&self.root),
+            volumes: self.store.volumes.len() as u64,
+            mounts: lock(&self.mounts).len() as u64,
+        })
+    }
+
+    /// Whether volume `name` was created `readonly=true` (then every mount is read-only).
+    fn forced_read_only(&self, name: &str) -> Result<bool, String> {
+        Ok(self
+            .record(name)?
+            .is_some_and(|r| VolumeOptions::of(&r).read_only))
     }
 
     fn volume_fs(&self, name: &str, resumed: bool) -> Result<OpenVolume, String> {
@@ -369,6 +930,7 @@ impl Registry {
             SledFs::open(self.store.clone(), rec.id, name)
         };
         let fs = Arc::new(opened.map_err(|e| format!("opening volume {name}: {e}"))?);
+        fs.set_limit(VolumeOptions::of(&rec).size);
         let v = (fs, Arc::new(fs::Peers::default()));
         open.insert(rec.id, v.clone());
         Ok(v)
@@ -387,6 +949,7 @@ impl Registry {
         record: bool,
     ) -> Result<(), String> {
         validate_name(name)?;
+        let read_only = read_only || self.forced_read_only(name)?;
         if !path.is_absolute() {
             return Err(format!(
                 "mountpoint {} is not an absolute path",
@@ -573,6 +1136,150 @@ fn unescape(f: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn options_parse_and_each_refusal_names_the_problem() {
+        let o = VolumeOptions::parse(&map(&[
+            ("readonly", "true"),
+            ("size", "10G"),
+            ("uid", "1000"),
+            ("gid", "0"),
+            ("mode", "01777"),
+        ]))
+        .expect("valid options");
+        assert_eq!(
+            o,
+            VolumeOptions {
+                read_only: true,
+                size: Some(10 << 30),
+                uid: Some(1000),
+                gid: Some(0),
+                mode: Some(0o1777),
+                from: None,
+            }
+        );
+        assert_eq!(
+            VolumeOptions::parse(&map(&[("from", "/srv//seed/")])).map(|o| o.from),
+            Ok(Some(PathBuf::from("/srv/seed")))
+        );
+        assert_eq!(
+            VolumeOptions::parse(&map(&[])),
+            Ok(VolumeOptions::default())
+        );
+        for ((k, v), says) in [
+            (
+                ("readonly", "yes"),
+                "option readonly=\"yes\": expected true or false",
+            ),
+            (("readonly", ""), "expected true or false"),
+            (("size", "0"), "at least 1 byte"),
+            (("size", "10X"), "unknown unit"),
+            (("size", ""), "no number"),
+            (("uid", "-1"), "option uid=\"-1\": expected a number"),
+            (
+                ("uid", "4294967295"),
+                "expected a number from 0 to 4294967294",
+            ),
+            (("gid", "+5"), "option gid"),
+            (("mode", "0888"), "option mode=\"0888\": expected octal"),
+            (("mode", "17777"), "expected octal"),
+            (("mode", ""), "expected octal"),
+            (
+                ("type", "tmpfs"),
+                "unknown option \"type\" (known options: readonly",
+            ),
+            (("Size", "1G"), "unknown option \"Size\""),
+            (
+                ("from", "rel/dir"),
+                "option from=\"rel/dir\": must be an absolute path",
+            ),
+            (("from", ""), "must be an absolute path"),
+        ] {
+            let e = VolumeOptions::parse(&map(&[(k, v)])).expect_err(k);
+            assert!(e.contains(says), "{k}={v}: {e}");
+        }
+    }
+
+    #[test]
+    fn labels_and_key_values_are_checked() {
+        assert!(validate_labels(&map(&[("team", "a"), ("empty", "")])).is_ok());
+        for (labels, says) in [
+            (map(&[("", "v")]), "a label key is empty"),
+            (map(&[("a\nb", "v")]), "control character"),
+            (map(&[("k", "x\ty")]), "control character"),
+            (map(&[(&"k".repeat(256), "v")]), "longer than 255"),
+        ] {
+            let e = validate_labels(&labels).expect_err(says);
+            assert!(e.contains(says), "{e}");
+        }
+        assert_eq!(
+            key_values(&["a=1", "b=", "c=x=y"], "label"),
+            Ok(map(&[("a", "1"), ("b", ""), ("c", "x=y")]))
+        );
+        for (args, says) in [
+            (vec!["novalue"], "label \"novalue\" is not KEY=VALUE"),
+            (vec!["=v"], "has an empty key"),
+            (vec!["a=1", "a=2"], "label \"a\" is given twice"),
+        ] {
+            let e = key_values(&args, "label").expect_err(says);
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn differences_compare_options_by_meaning_and_name_each_change() {
+        let rec = VolumeRecord {
+            version: 1,
+            id: 3,
+            created: 0,
+            labels: map(&[("team", "a")]),
+            options: map(&[("size", "1G"), ("mode", "0755")]),
+            anonymous: false,
+        };
+        let same = map(&[("size", "1024M"), ("mode", "755")]);
+        assert!(differences(&rec, &rec.labels, &same).is_empty());
+        let with_from = VolumeRecord {
+            options: map(&[("size", "1G"), ("mode", "0755"), ("from", "/srv/seed")]),
+            ..rec.clone()
+        };
+        let same_from = map(&[("size", "1024M"), ("mode", "755"), ("from", "/srv//seed/")]);
+        assert!(differences(&with_from, &rec.labels, &same_from).is_empty());
+        assert!(differences(&rec, &rec.labels, &same).is_empty());
+        let d = differences(
+            &rec,
+            &map(&[("team", "b"), ("x", "")]),
+            &map(&[("size", "2G")]),
+        );
+        assert_eq!(
+            d,
+            vec![
+                "label team: the volume has \"a\", not \"b\"".to_string(),
+                "label x: the volume has none, this create \"\"".to_string(),
+                "option mode: the volume has \"0755\", this create none".to_string(),
+                "option size: the volume has \"1G\", not \"2G\"".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn anonymous_names_are_64_hex_digits_and_valid() {
+        let a = random_name().expect("name");
+        let b = random_name().expect("name");
+        assert_eq!(a.len(), 64);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(a, b);
+        assert!(validate_name(&a).is_ok());
+    }
 
     #[test]
     fn names_follow_dockers_rule() {

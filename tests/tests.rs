@@ -7,6 +7,7 @@ mod util;
 mod durability;
 mod faults;
 mod integrity;
+mod lifecycle;
 mod multimount;
 mod posix;
 mod posix_attrs;

@@ -89,6 +89,13 @@ pub struct StatFs {
     pub namelen: u32,
 }
 
+/// What a volume holds: bytes stored (chunk bytes and symlink targets) and inodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
 /// `renameat2` flags.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RenameFlags {

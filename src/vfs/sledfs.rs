@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::acl;
 use super::{
-    Attr, Ctx, DirEntry, FileSystem, Ino, NAME_MAX, RenameFlags, SetAttr, SetTime, StatFs,
+    Attr, Ctx, DirEntry, FileSystem, Ino, NAME_MAX, RenameFlags, SetAttr, SetTime, StatFs, Usage,
     XATTR_SIZE_MAX, falloc,
 };
 use crate::chunks::{ChunkPtr, PendingAppend, ReadError};
@@ -32,9 +32,12 @@ pub struct SledFs {
     open_handles: Mutex<HashMap<Ino, u32>>,
     /// The kernel holds handles opened under a previous daemon (see `open_resumed`).
     handles_unknown: AtomicBool,
-    /// Bytes stored in chunks and live inodes, kept in memory for `statfs`.
+    /// Bytes stored in chunks and symlink targets, and live inodes, kept in memory for
+    /// `statfs` and the quota.
     used_bytes: AtomicU64,
     inodes: AtomicU64,
+    /// The quota on `used_bytes` ([`NO_LIMIT`]: none).
+    limit: AtomicU64,
 }
 
 /// `now`, or one nanosecond past `old` if `now` is not later.
@@ -53,6 +56,8 @@ fn later(old: Timestamp, now: Timestamp) -> Timestamp {
         }
     }
 }
+/// `SledFs::limit` when the volume has no quota.
+const NO_LIMIT: u64 = u64::MAX;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these guards cannot leave sled inconsistent (batches are
@@ -157,6 +162,7 @@ impl SledFs {
             open_handles: Mutex::new(HashMap::new()),
             used_bytes: AtomicU64::new(0),
             inodes: AtomicU64::new(0),
+            limit: AtomicU64::new(NO_LIMIT),
         };
         fs.get_inode(ROOT_INO)?;
         let orphans: Vec<Ino> = if resumed { Vec::new() } else { fs.orphans() };
@@ -166,21 +172,78 @@ impl SledFs {
             fs.drop_inode(&mut batch, ino)?;
             fs.commit(batch, "reclaiming an orphan inode")?;
         }
-        let (mut bytes, mut count) = (0u64, 0u64);
-        for item in fs
-            .store
+        let usage = Self::scan_usage(&fs.store, vol)?;
+        fs.used_bytes.store(usage.bytes, Ordering::Relaxed);
+        fs.inodes.store(usage.inodes, Ordering::Relaxed);
+        Ok(fs)
+    }
+
+    /// Counts a volume's usage from its inode records, without opening it (a scan of one
+    /// key per inode).
+    pub fn scan_usage(store: &Store, vol: u64) -> FsResult<Usage> {
+        let mut usage = Usage::default();
+        for item in store
             .fs
             .scan_prefix(store::tag_prefix(vol, store::TAG_INODE))
         {
             let (_, v) = item.map_err(|e| FsError::storage("counting volume usage", e))?;
             if let Some(r) = InodeRecord::decode(&v) {
-                bytes += r.stored + r.target.len() as u64;
-                count += 1;
+                usage.bytes += r.stored + r.target.len() as u64;
+                usage.inodes += 1;
             }
         }
-        fs.used_bytes.store(bytes, Ordering::Relaxed);
-        fs.inodes.store(count, Ordering::Relaxed);
-        Ok(fs)
+        Ok(usage)
+    }
+
+    /// The volume's usage now, from the counters kept in memory.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            bytes: self.used_bytes.load(Ordering::Relaxed),
+            inodes: self.inodes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sets the quota: from then on, a write, create or fallocate that would take the
+    /// bytes stored (chunk bytes and symlink targets, as [`SledFs::usage`] counts them)
+    /// past `limit` fails with ENOSPC, and `statfs` reports `limit` as the size.
+    pub fn set_limit(&self, limit: Option<u64>) {
+        self.limit
+            .store(limit.unwrap_or(NO_LIMIT), Ordering::Relaxed);
+    }
+
+    /// The quota, if any.
+    pub fn limit(&self) -> Option<u64> {
+        Some(self.limit.load(Ordering::Relaxed)).filter(|l| *l != NO_LIMIT)
+    }
+
+    /// Takes `bytes` of the quota before a change that stores them; give them back with
+    /// [`SledFs::unreserve`] if the change fails.
+    fn reserve(&self, bytes: u64) -> FsResult<u64> {
+        if bytes == 0 {
+            return Ok(0);
+        }
+        let limit = self.limit.load(Ordering::Relaxed);
+        let mut cur = self.used_bytes.load(Ordering::Relaxed);
+        loop {
+            let new = cur.checked_add(bytes).ok_or(FsError::NoSpace)?;
+            if new > limit {
+                tracing::debug!(volume = %self.name, cur, bytes, limit, "quota reached: ENOSPC");
+                return Err(FsError::NoSpace);
+            }
+            match self.used_bytes.compare_exchange_weak(
+                cur,
+                new,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(bytes),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn unreserve(&self, bytes: u64) {
+        self.used_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Writes the root directory of a new volume.
@@ -402,6 +465,11 @@ impl SledFs {
         } = node;
         check_name(name)?;
         self.store.check_space(0)?;
+        // A full volume takes no new inodes either: their records are not counted, so
+        // they could grow the store without bound.
+        if self.used_bytes.load(Ordering::Relaxed) >= self.limit.load(Ordering::Relaxed) {
+            return Err(FsError::NoSpace);
+        }
         let _ns = lock(&self.namespace);
         let ino = self.store.new_ino()?;
         let _l = self.stripe_locks(&[parent, ino]);
@@ -464,10 +532,10 @@ impl SledFs {
         batch.insert(store::inode_key(self.vol, ino), rec.encode());
         self.put_name(&mut batch, parent, name, DentryRecord { ino, kind, cookie });
         self.put_all(&mut batch, &dirty);
-        self.commit(batch, "creating a file")?;
+        let reserved = self.reserve(target.len() as u64)?;
+        self.commit(batch, "creating a file")
+            .inspect_err(|_| self.unreserve(reserved))?;
         self.inodes.fetch_add(1, Ordering::Relaxed);
-        self.used_bytes
-            .fetch_add(target.len() as u64, Ordering::Relaxed);
         Ok(attr_of(ino, &rec))
     }
 
@@ -665,6 +733,35 @@ impl SledFs {
         }
         if !rewrites.is_empty() {
             self.append_chunks(change, &rewrites)?;
+        }
+        Ok(())
+    }
+
+    /// With a quota: refuses (ENOSPC) to allocate `[offset, end)` when the bytes of it not
+    /// stored yet do not fit. Nothing is reserved: space is taken by the writes.
+    fn check_allocation(&self, ino: Ino, offset: u64, end: u64) -> FsResult<()> {
+        let Some(limit) = self.limit() else {
+            return Ok(());
+        };
+        if end <= offset {
+            return Ok(());
+        }
+        let mut stored = 0u64;
+        for item in self.chunks_in(
+            ino,
+            offset / CHUNK_SIZE,
+            (end - 1) / CHUNK_SIZE,
+            "allocating",
+        ) {
+            let (idx, _, v) = item?;
+            let p = self.decode_ptr(ino, idx, &v)?;
+            let cs = idx * CHUNK_SIZE;
+            let (a, b) = (offset.max(cs), end.min(cs + u64::from(p.len)));
+            stored += b.saturating_sub(a);
+        }
+        let need = (end - offset) - stored;
+        if self.used_bytes.load(Ordering::Relaxed).saturating_add(need) > limit {
+            return Err(FsError::NoSpace);
         }
         Ok(())
     }
@@ -1197,7 +1294,11 @@ impl FileSystem for SledFs {
             new_chunks.push((key, new));
             idx += 1;
         }
-        self.append_chunks(&mut change, &new_chunks)?;
+        let reserved = self.reserve(grown.max(0) as u64)?;
+        if let Err(e) = self.append_chunks(&mut change, &new_chunks) {
+            self.unreserve(reserved);
+            return Err(e);
+        }
         rec.size = rec.size.max(end);
         rec.stored = (rec.stored as i64 + grown).max(0) as u64;
         let now = Timestamp::now();
@@ -1209,10 +1310,9 @@ impl FileSystem for SledFs {
             }
         }
         change.insert(store::inode_key(self.vol, ino), rec.encode());
-        self.commit(change, "writing file data")?;
-        if grown >= 0 {
-            self.used_bytes.fetch_add(grown as u64, Ordering::Relaxed);
-        } else {
+        self.commit(change, "writing file data")
+            .inspect_err(|_| self.unreserve(reserved))?;
+        if grown < 0 {
             self.used_bytes
                 .fetch_sub(grown.unsigned_abs(), Ordering::Relaxed);
         }
@@ -1273,9 +1373,16 @@ impl FileSystem for SledFs {
         let avail = host.blocks_available() * host.fragment_size();
         let used = self.used_bytes.load(Ordering::Relaxed);
         let inodes = self.inodes.load(Ordering::Relaxed);
-        let free_blocks = avail / BSIZE;
+        let mut free_blocks = avail / BSIZE;
+        let mut blocks = used.div_ceil(BSIZE) + free_blocks;
+        if let Some(limit) = self.limit() {
+            // With a quota the volume looks like a disk of that size (though never with
+            // more room than the host has).
+            blocks = limit / BSIZE;
+            free_blocks = free_blocks.min(limit.saturating_sub(used) / BSIZE);
+        }
         Ok(StatFs {
-            blocks: used.div_ceil(BSIZE) + free_blocks,
+            blocks,
             bfree: free_blocks,
             bavail: free_blocks,
             files: inodes + free_blocks,
@@ -1386,7 +1493,7 @@ impl FileSystem for SledFs {
         }
         let mut batch = Change::default();
         match op {
-            0 => {}
+            0 => self.check_allocation(ino, offset, end)?,
             falloc::PUNCH_HOLE if keep_size => {
                 self.punch_into(&mut batch, ino, &mut rec, offset, end)?;
             }
@@ -1503,6 +1610,69 @@ mod tests {
         let fs = volume(dir.path());
         assert_eq!(fs.read(ino, 0, 2_000_000).expect("read"), want);
         assert_eq!(fs.getattr(ino).expect("attr").size, want.len() as u64);
+    }
+
+    #[test]
+    fn quota_refuses_growth_past_the_limit_and_statfs_shows_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = volume(dir.path());
+        let limit = 64 * 1024;
+        fs.set_limit(Some(limit));
+        assert_eq!(fs.limit(), Some(limit));
+        let a = fs
+            .mknod(&CTX, ROOT_INO, b"a", libc::S_IFREG | 0o644, 0, 0)
+            .expect("create");
+        let s = fs.statfs().expect("statfs");
+        assert_eq!((s.blocks, s.bfree, s.bavail), (16, 16, 16));
+        // Exactly the limit fits, in pieces that cross chunk boundaries.
+        fs.write(a.ino, 0, &vec![1u8; 40_000], false)
+            .expect("write");
+        fs.write(a.ino, 40_000, &vec![2u8; 25_536], false)
+            .expect("write to the limit");
+        assert_eq!(fs.usage().bytes, limit);
+        assert_eq!(fs.write(a.ino, limit, b"x", false), Err(FsError::NoSpace));
+        // Overwriting stored bytes takes no more room.
+        fs.write(a.ino, 100, &[9u8; 5000], false)
+            .expect("overwrite");
+        assert_eq!(fs.statfs().expect("statfs").bfree, 0);
+        // A full volume takes no new file, and a symlink target needs room.
+        assert_eq!(
+            fs.mknod(&CTX, ROOT_INO, b"b", libc::S_IFREG | 0o644, 0, 0),
+            Err(FsError::NoSpace)
+        );
+        assert_eq!(fs.fallocate(a.ino, limit, 1, 0), Err(FsError::NoSpace));
+        assert_eq!(fs.getattr(a.ino).expect("attr").size, limit);
+        // Freeing bytes gives room back.
+        fs.unlink(ROOT_INO, b"a").expect("unlink");
+        assert_eq!(fs.usage().bytes, 0);
+        assert_eq!(
+            fs.symlink(&CTX, ROOT_INO, b"l", &vec![b'x'; 4000])
+                .map(|_| ()),
+            Ok(())
+        );
+        assert_eq!(fs.usage().bytes, 4000);
+        let c = fs
+            .mknod(&CTX, ROOT_INO, b"c", libc::S_IFREG | 0o644, 0, 0)
+            .expect("create after freeing");
+        assert_eq!(
+            fs.fallocate(c.ino, 0, limit - 3999, 0),
+            Err(FsError::NoSpace)
+        );
+        fs.fallocate(c.ino, 0, limit - 4000, 0)
+            .expect("fallocate what fits");
+        let room = (limit - 4000) as usize;
+        assert_eq!(
+            fs.write(c.ino, 0, &vec![3u8; room + 1], false),
+            Err(FsError::NoSpace)
+        );
+        fs.write(c.ino, 0, &vec![3u8; room], false)
+            .expect("write what fits");
+        assert_eq!(fs.usage().bytes, limit);
+        let s = fs.statfs().expect("statfs");
+        assert_eq!((s.blocks, s.bfree), (16, 0));
+        // Without a limit the host's free space counts again.
+        fs.set_limit(None);
+        fs.write(c.ino, limit, b"more", false).expect("no quota");
     }
 
     #[test]
