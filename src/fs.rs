@@ -590,6 +590,14 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Set by the kernel on requests queued again by FUSE_NOTIFY_RESEND: an earlier daemon
+/// read them and may have carried them out before it died without answering.
+const FUSE_UNIQUE_RESEND: u64 = 1 << 63;
+
+fn resent(req: &Request) -> bool {
+    req.unique().0 & FUSE_UNIQUE_RESEND != 0
+}
+
 fn ctx(req: &Request) -> Ctx {
     Ctx {
         uid: req.uid(),
@@ -685,6 +693,39 @@ impl<F: FileSystem> FuseAdapter<F> {
         ];
         what.extend(child.map(|c| Inval::Inode(c, -1, 0)));
         self.tell_others(what);
+    }
+
+    /// A resent request that creates `name` finds it already there when the earlier
+    /// daemon did the work: answer with what is there if it is of the kind asked for.
+    fn created_before(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &[u8],
+        r: FsResult<Attr>,
+        kind: FileKind,
+    ) -> FsResult<Attr> {
+        match r {
+            Err(FsError::Exists) if resent(req) => match self.fs.lookup(parent, name) {
+                Ok(a) if a.kind == kind => {
+                    tracing::info!(
+                        parent,
+                        "resent request: the earlier daemon already created it"
+                    );
+                    Ok(a)
+                }
+                _ => Err(FsError::Exists),
+            },
+            r => r,
+        }
+    }
+
+    /// A resent request that removes something finds it gone when the earlier daemon did it.
+    fn removed_before(req: &Request, r: FsResult<()>) -> FsResult<()> {
+        match r {
+            Err(FsError::NotFound) if resent(req) => Ok(()),
+            r => r,
+        }
     }
 
     fn writable(&self) -> FsResult<()> {
@@ -812,6 +853,10 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             self.fs
                 .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, rdev)
         });
+        let r = match FileKind::from_mode(mode) {
+            Some(k) => self.created_before(req, parent.0, name.as_bytes(), r, k),
+            None => r,
+        };
         self.entry(reply, self.told_new_entry(parent.0, r));
     }
 
@@ -829,27 +874,28 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             self.fs
                 .mkdir(&ctx(req), parent.0, name.as_bytes(), mode, umask)
         });
+        let r = self.created_before(req, parent.0, name.as_bytes(), r, FileKind::Directory);
         self.entry(reply, self.told_new_entry(parent.0, r));
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _pass = self.gate.enter();
         let child = self.peer_child(parent.0, name.as_bytes());
         let r = self
             .writable()
-            .and_then(|()| self.fs.unlink(parent.0, name.as_bytes()));
+            .and_then(|()| Self::removed_before(req, self.fs.unlink(parent.0, name.as_bytes())));
         if r.is_ok() {
             self.told_removed(parent.0, name.as_bytes(), child);
         }
         empty(reply, r);
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _pass = self.gate.enter();
         let child = self.peer_child(parent.0, name.as_bytes());
         let r = self
             .writable()
-            .and_then(|()| self.fs.rmdir(parent.0, name.as_bytes()));
+            .and_then(|()| Self::removed_before(req, self.fs.rmdir(parent.0, name.as_bytes())));
         if r.is_ok() {
             self.told_removed(parent.0, name.as_bytes(), child);
         }
@@ -873,12 +919,13 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                 target.as_os_str().as_bytes(),
             )
         });
+        let r = self.created_before(req, parent.0, link_name.as_bytes(), r, FileKind::Symlink);
         self.entry(reply, self.told_new_entry(parent.0, r));
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -897,13 +944,22 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                 noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
                 exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
             };
-            self.fs.rename(
+            let r = self.fs.rename(
                 parent.0,
                 name.as_bytes(),
                 newparent.0,
                 newname.as_bytes(),
                 f,
-            )
+            );
+            // Done by the earlier daemon if the source is gone and the target is there.
+            match r {
+                Err(FsError::NotFound)
+                    if resent(req) && self.fs.lookup(newparent.0, newname.as_bytes()).is_ok() =>
+                {
+                    Ok(())
+                }
+                r => r,
+            }
         });
         if r.is_ok() {
             self.told_removed(parent.0, name.as_bytes(), None);
@@ -914,7 +970,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
@@ -924,6 +980,15 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         let r = self
             .writable()
             .and_then(|()| self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+        let r = match r {
+            Err(FsError::Exists) if resent(req) => {
+                match self.fs.lookup(newparent.0, newname.as_bytes()) {
+                    Ok(a) if a.ino == ino.0 => Ok(a),
+                    _ => Err(FsError::Exists),
+                }
+            }
+            r => r,
+        };
         self.entry(reply, self.told_new_entry(newparent.0, r));
     }
 
@@ -1199,15 +1264,20 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let _pass = self.gate.enter();
         let r = self.writable().and_then(|()| {
             let mode = (mode & 0o7777) | libc::S_IFREG;
-            let a = self
+            let made = self
                 .fs
-                .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, 0)?;
+                .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, 0);
+            let a = if flags & libc::O_EXCL == 0 {
+                self.created_before(req, parent.0, name.as_bytes(), made, FileKind::Regular)?
+            } else {
+                made?
+            };
             self.fs.open(a.ino)
         });
         let r = self.told_new_entry(parent.0, r);

@@ -71,6 +71,7 @@ pub struct Store {
     /// Multi-key changes being applied (see [`Store::commit`]).
     intents: sled::Tree,
     intent_seq: Arc<std::sync::atomic::AtomicU64>,
+    wal: Arc<Wal>,
     pub chunks: Arc<ChunkStore>,
     stripes: Arc<Vec<Mutex<()>>>,
     /// Set by every change, cleared by `sync`: lets the background flusher idle.
@@ -118,6 +119,7 @@ impl Store {
             .open_tree("doomed")
             .map_err(|e| format!("cannot open tree doomed: {e}"))?;
         replay_intents(&fs, &intents)?;
+        let wal = Wal::open(&root.join("wal"), &fs, &db)?;
         let data = root.join("data");
         let chunks = ChunkStore::open_with(&data, segment_max)
             .map_err(|e| format!("cannot open the chunk segments in {}: {e}", data.display()))?;
@@ -137,6 +139,7 @@ impl Store {
             doomed,
             intents,
             intent_seq: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            wal: Arc::new(wal),
             chunks: Arc::new(chunks),
             stripes: Arc::new((0..STRIPES).map(|_| Mutex::new(())).collect()),
             unsynced: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -158,6 +161,14 @@ impl Store {
     /// the names pointing at them, names removed before their records).
     pub fn commit(&self, ops: &[Op]) -> FsResult<()> {
         self.note_change();
+        // Held until the change is in sled, so a sync's rotation never splits one.
+        let wal = self.wal.append(ops)?;
+        let r = self.apply(ops);
+        drop(wal);
+        r
+    }
+
+    fn apply(&self, ops: &[Op]) -> FsResult<()> {
         if let [op @ (Op::Put(..) | Op::Del(_))] = ops {
             return apply_op(&self.fs, op).map_err(|e| FsError::storage("applying a change", e));
         }
@@ -260,11 +271,11 @@ impl Store {
                 })?;
                 let new = pending.ptrs()[0];
                 self.note_change();
-                match self.fs.insert(key.as_slice(), new.encode()) {
-                    Ok(_) => self.chunks.release(&ptr),
+                match self.commit(&[Op::Put(key.clone(), new.encode())]) {
+                    Ok(()) => self.chunks.release(&ptr),
                     Err(e) => {
                         pending.abandon();
-                        return Err(FsError::storage("compacting segments", e));
+                        return Err(e);
                     }
                 }
             }
@@ -318,6 +329,9 @@ impl Store {
     }
 
     fn sync_inner(&self) -> FsResult<()> {
+        // Every change logged in the old file is in sled by now; the flush below makes
+        // them durable, after which the old log is not needed.
+        let old_log = self.wal.rotate()?;
         self.chunks.sync().map_err(|e| {
             tracing::error!("fsync of chunk segments: {e}");
             if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -340,7 +354,11 @@ impl Store {
             } else {
                 FsError::Io(e.to_string())
             }
-        })
+        })?;
+        if let Some(p) = old_log {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
     }
 
     /// The directory holding sled's files.
@@ -509,6 +527,137 @@ impl Store {
         self.sync()
             .map_err(|e| format!("making the purge of volume {vol} durable: {e}"))?;
         Ok(released)
+    }
+}
+
+/// The change log: every change to the `fs` tree is appended here (one `write`, no
+/// fsync) before it is applied to sled. sled keeps recent changes in its own memory until
+/// it flushes, so a daemon killed between flushes would lose changes it had acknowledged
+/// while the kernel, which outlives the daemon, still shows them; the log is in the page
+/// cache and survives the process. At open every logged change is applied again (each op
+/// is idempotent), in order. A `sync` starts a new file and deletes the old one once sled
+/// is flushed. Record: `len:u32 crc32:u32 ops`; a torn last record is ignored.
+struct Wal {
+    dir: std::path::PathBuf,
+    cur: std::sync::RwLock<(u64, std::fs::File)>,
+    /// Something was logged in the current file.
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+/// Keeps the log from rotating while a logged change is being applied.
+struct WalGuard<'a>(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, (u64, std::fs::File)>);
+
+impl Wal {
+    fn file_name(dir: &Path, generation: u64) -> std::path::PathBuf {
+        dir.join(format!("{generation:016x}.log"))
+    }
+
+    fn create(dir: &Path, generation: u64) -> Result<std::fs::File, std::io::Error> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Self::file_name(dir, generation))
+    }
+
+    /// Replays what earlier runs logged, makes it durable, and starts a new log.
+    fn open(dir: &Path, fs: &sled::Tree, db: &sled::Db) -> Result<Wal, String> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            format!(
+                "cannot create the change log directory {}: {e}",
+                dir.display()
+            )
+        })?;
+        let mut gens: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(|e| format!("reading {}: {e}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e.file_name();
+                let n = n.to_str()?;
+                u64::from_str_radix(n.strip_suffix(".log")?, 16).ok()
+            })
+            .collect();
+        gens.sort_unstable();
+        let mut replayed = 0usize;
+        for g in &gens {
+            let p = Self::file_name(dir, *g);
+            let bytes = std::fs::read(&p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+            let mut rest = bytes.as_slice();
+            while rest.len() >= 8 {
+                let len = be_u32(&rest[..4]) as usize;
+                let crc = be_u32(&rest[4..8]);
+                let Some(body) = rest.get(8..8 + len) else {
+                    break;
+                };
+                if crc32fast::hash(body) != crc {
+                    break;
+                }
+                let Some(ops) = decode_ops(body) else { break };
+                for op in &ops {
+                    apply_op(fs, op).map_err(|e| format!("replaying the change log: {e}"))?;
+                }
+                replayed += 1;
+                rest = &rest[8 + len..];
+            }
+        }
+        if replayed > 0 {
+            db.flush()
+                .map_err(|e| format!("flushing replayed changes: {e}"))?;
+            tracing::info!(
+                changes = replayed,
+                "replayed changes logged before the daemon stopped"
+            );
+        }
+        for g in &gens {
+            let _ = std::fs::remove_file(Self::file_name(dir, *g));
+        }
+        let generation = gens.last().map_or(1, |g| g + 1);
+        let f = Self::create(dir, generation)
+            .map_err(|e| format!("creating the change log in {}: {e}", dir.display()))?;
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            cur: std::sync::RwLock::new((generation, f)),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn append(&self, ops: &[Op]) -> FsResult<WalGuard<'_>> {
+        use std::io::Write;
+        let body = encode_ops(ops);
+        let mut rec = Vec::with_capacity(8 + body.len());
+        rec.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        rec.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        rec.extend_from_slice(&body);
+        let g = self.cur.read().unwrap_or_else(|p| p.into_inner());
+        // O_APPEND: one write is one record, whole, after every earlier one.
+        let n = (&g.1).write(&rec).map_err(|e| {
+            tracing::error!("writing the change log: {e}");
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                FsError::NoSpace
+            } else {
+                FsError::Io(e.to_string())
+            }
+        })?;
+        if n != rec.len() {
+            return Err(FsError::Io("short write to the change log".into()));
+        }
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(WalGuard(g))
+    }
+
+    /// Starts a new log file if the current one holds anything; returns the old one's path.
+    fn rotate(&self) -> FsResult<Option<std::path::PathBuf>> {
+        let mut w = self.cur.write().unwrap_or_else(|p| p.into_inner());
+        if !self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let generation = w.0 + 1;
+        let f = Self::create(&self.dir, generation).map_err(|e| {
+            tracing::error!("starting a new change log: {e}");
+            FsError::Io(e.to_string())
+        })?;
+        let old = Self::file_name(&self.dir, w.0);
+        *w = (generation, f);
+        Ok(Some(old))
     }
 }
 
