@@ -358,6 +358,7 @@ impl OwnDaemon {
             .arg(root)
             .arg("--socket")
             .arg(socket)
+            .arg("--no-plugin")
             .env_remove("VOLFS_SOCKET")
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
