@@ -725,6 +725,11 @@ impl Plugin {
         }
         self.registry.remove(name, false)?;
         let _ = std::fs::remove_dir(self.mountpoint(name));
+        // Forget the volume's lock unless another call waits on it (map and `l` hold two).
+        let mut locks = lock(&self.locks);
+        if locks.get(name).is_some_and(|x| Arc::strong_count(x) <= 2) {
+            locks.remove(name);
+        }
         Ok(())
     }
 
@@ -735,7 +740,24 @@ impl Plugin {
             return Err(format!("no such volume: {name}"));
         }
         let path = self.mountpoint(name);
-        match self.registry.mounted_volume(&path) {
+        let mounted = self.registry.mounted_volume(&path);
+        if mounted.as_deref() == Some(name) && !is_volfs_mount(&path) {
+            // In the table but not in the kernel (unmounted behind the daemon's back).
+            tracing::warn!(volume = name, path = %path.display(), "Docker's mount is gone; mounting it again");
+            self.registry.umount(&path)?;
+            return self.mount_locked(name, id, &path, None);
+        }
+        self.mount_locked(name, id, &path, mounted)
+    }
+
+    fn mount_locked(
+        &self,
+        name: &str,
+        id: &str,
+        path: &Path,
+        mounted: Option<String>,
+    ) -> Result<PathBuf, String> {
+        match mounted {
             Some(v) if v == name => {}
             other => {
                 if let Some(v) = other {
@@ -744,15 +766,15 @@ impl Plugin {
                         path.display()
                     ));
                 }
-                match std::fs::create_dir(&path) {
+                match std::fs::create_dir(path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(format!("creating {}: {e}", path.display())),
                 }
-                self.registry.mount(name, &path, false)?;
+                self.registry.mount(name, path, false)?;
             }
         }
-        if !is_volfs_mount(&path) {
+        if !is_volfs_mount(path) {
             return Err(format!(
                 "{} is not a live volfs mount of {name} (see volfs-mountd's log)",
                 path.display()
@@ -760,12 +782,12 @@ impl Plugin {
         }
         if let Err(e) = self.add_reference(name, id, 1) {
             if self.references(name).unwrap_or(1) == 0 {
-                let _ = self.registry.umount(&path);
+                let _ = self.registry.umount(path);
             }
             return Err(e);
         }
         tracing::debug!(volume = name, id, "Docker mount");
-        Ok(path)
+        Ok(path.to_path_buf())
     }
 
     fn unmount(&self, name: &str, id: &str) -> Result<(), String> {

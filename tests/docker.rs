@@ -532,6 +532,15 @@ fn plugin_counts_mounts_per_id_across_daemon_restarts() {
     assert_eq!(v["Mountpoint"], "");
     unmount(&mut c, "B");
 
+    // Unmounted behind the daemon's back: the next Mount mounts it again.
+    mount(&mut c, "D");
+    lazy_umount(&mp);
+    assert!(!is_volfs(&mp));
+    mount(&mut c, "E");
+    unmount(&mut c, "D");
+    unmount(&mut c, "E");
+    assert!(!is_volfs(&mp));
+
     // Remove: drops references whose Unmount never came, unmounts, deletes; idempotent.
     mount(&mut c, "C");
     ok(&mut c, "/VolumeDriver.Remove", json!({"Name": "rc"}));
