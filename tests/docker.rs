@@ -1524,6 +1524,23 @@ fn docker_backup_recipe_and_restore_into_a_fresh_volume() {
         dk.run(&["--volumes-from", "dbstore", IMAGE, "sh", "-c", check]),
         want
     );
+    // An archive of the volume's root restores in one step: `-o from=`.
+    dk.run(&[
+        "--volumes-from",
+        "dbstore",
+        "-v",
+        &bind,
+        IMAGE,
+        "tar",
+        "cf",
+        "/backup/flat.tar",
+        "-C",
+        "/data",
+        ".",
+    ]);
+    let from = format!("from={}", backup.join("flat.tar").display());
+    dk.create(&["-o", &from, "bk3"]);
+    assert_eq!(dk.run(&["-v", "bk3:/data", IMAGE, "sh", "-c", check]), want);
 }
 
 #[test]
