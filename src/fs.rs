@@ -339,6 +339,9 @@ enum Inval {
     Entry(u64, Vec<u8>),
 }
 
+/// How long an unmount waits for its session to end before leaving it to end by itself.
+const SESSION_END_WAIT: Duration = Duration::from_secs(2);
+
 /// A live mount served by background threads.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
@@ -360,9 +363,13 @@ impl Mounted {
         match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
             Ok(()) => {
                 // The session ends when the kernel ends the connection, which waits for
-                // every other mount of it too (a bind mount in a container's namespace):
-                // waited for apart, so the caller (holding the mount table) never blocks.
+                // every other mount of it too (a bind mount in a container's namespace).
+                // Usually that is at once, and the caller may rely on the volume being
+                // released (`rm` purges it); a session that outlives SESSION_END_WAIT is
+                // left to end by itself, so the caller (holding the mount table) never
+                // blocks on another namespace.
                 if let Some(s) = self.session.take() {
+                    let (done, ended) = std::sync::mpsc::channel();
                     let path = mountpoint.to_path_buf();
                     let waiter = std::thread::Builder::new()
                         .name("session-end".into())
@@ -370,9 +377,21 @@ impl Mounted {
                             if let Err(e) = s.join() {
                                 tracing::debug!("session of {} ended: {e}", path.display());
                             }
+                            let _ = done.send(());
                         });
-                    if let Err(e) = waiter {
-                        tracing::warn!("starting a thread to wait for a session's end: {e}");
+                    match waiter {
+                        Ok(_) => {
+                            if ended.recv_timeout(SESSION_END_WAIT).is_err() {
+                                tracing::info!(
+                                    "{} is unmounted but its connection has other users (a \
+                                     bind mount elsewhere); it is served until they go",
+                                    mountpoint.display()
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!("starting a thread to wait for a session's end: {e}")
+                        }
                     }
                 }
             }
