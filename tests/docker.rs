@@ -910,8 +910,11 @@ impl Docker {
             .collect()
     }
 
+    /// Docker's volumes of our driver (`docker volume ls` asks every plugin in
+    /// /run/docker/plugins, a volfs serving the machine included).
     fn docker_names(&self) -> BTreeSet<String> {
-        self.docker_ok(&["volume", "ls", "-q"])
+        let filter = format!("driver={}", self.driver);
+        self.docker_ok(&["volume", "ls", "-q", "--filter", &filter])
             .lines()
             .map(str::to_string)
             .collect()
@@ -1093,7 +1096,15 @@ fn docker_volume_create_ls_inspect_rm_and_anonymous_volumes() {
         ]),
         "dv1\n"
     );
-    let ls = dk.docker_ok(&["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+    let filter = format!("driver={}", dk.driver);
+    let ls = dk.docker_ok(&[
+        "volume",
+        "ls",
+        "--filter",
+        &filter,
+        "--format",
+        "{{.Driver}} {{.Name}}",
+    ]);
     assert_eq!(ls, format!("{} dv1\n", dk.driver));
     let v = dk.inspect("dv1");
     let ours: Value = serde_json::from_str(&dk.volfs.cli_ok(&["inspect", "dv1"])).expect("JSON");
