@@ -4,21 +4,38 @@
 //!
 //! * [`Daemon`]: one `volfs-mountd` process on its own root and socket.
 //!   `Daemon::start()`, `Daemon::start_at(root)`, `cli`, `cli_ok`, `create`, `mount`,
-//!   `umount`, `stop`, `kill9`, `restart`, `root`, `socket`, `pid`, `log`.
-//!   Dropping it SIGKILLs the daemon and lazily unmounts whatever it left; it never panics.
+//!   `umount`, `listed_mounts`, `assert_mounts`, `root`, `socket`, `pid`, `keeper_pid`, `log`,
+//!   `set_watchdog`, and the ways to end a daemon:
+//!   - `stop()`: SIGTERM, a clean stop *for a restart*: exit 0, socket removed, every mount
+//!     left in place (its keeper holds it; accesses wait for the next daemon);
+//!   - `shutdown()`: `volfs shutdown`: everything unmounted (the table is kept), keeper and
+//!     daemon gone, exit 0;
+//!   - `kill9()`: SIGKILL of the daemon only; the mounts live on in the keeper;
+//!   - `kill9_all()`: SIGKILL of the daemon and its keeper; the mounts are left dead (ENOTCONN);
+//!   - `restart()`: start again on the same root (stopping a running daemon first); the daemon
+//!     resumes the mounts of its table by itself.
+//!
+//!   Dropping it SIGKILLs the daemon and its keeper and lazily unmounts every mount it made or
+//!   listed; it never panics.
 //! * [`TestVolume`]: a daemon plus volume [`VOLUME`] (`"testvol"`: volume names need at least
 //!   2 characters) mounted read-write at a fresh directory.
-//!   `new`, `mnt`, `path`, `daemon`, `mount_again(read_only)`, `restart`, `kill_and_restart`.
+//!   `new`, `mnt`, `path`, `daemon`, `mount_again(read_only)`, and `restart`,
+//!   `kill_and_restart`, `kill_all_and_restart`, `shutdown_and_restart`, which each assert that
+//!   every mount is back (listed by `volfs ls`, one `fuse.volfs` mount per path).
 //! * [`errno`], [`ToErrno`], [`assert_errno!`]: turn a failed `nix` / `std::io` result into its
 //!   `Errno` (panicking on success).
 //! * [`run_as`]: run a closure in a forked child as another uid/gid (no supplementary groups);
 //!   a panic (failed assertion) in the child is re-raised in the parent with its message.
-//! * [`is_mounted`], [`mount_fstype`], [`mounts`], [`lazy_umount`]: mount-table helpers;
-//!   [`open_tempdir`]: a temp dir (mode 0755) that non-root users can traverse.
+//! * [`is_mounted`], [`mount_fstype`], [`mount_count`], [`mounts`], [`lazy_umount`]: mount-table
+//!   helpers; [`open_tempdir`]: a temp dir (mode 0755) that non-root users can traverse.
+//! * [`keeper_pid`], [`kill_keeper`], [`pid_alive`], [`wait_pid_gone`]: the keeper process
+//!   (`ROOT/keeper.pid`, believed only for a `--keeper` process of that root).
+//! * [`bounded`]: run something that may block on a mount with a time limit.
 //!
 //! Every test should build its own `TestVolume` (or `Daemon`), so tests run in parallel.
-//! A watchdog SIGKILLs a daemon that is still alive after `VOLFS_TEST_WATCHDOG_SECS`
-//! (default 600) so that a deadlocked filesystem fails the test (ENOTCONN) instead of hanging CI.
+//! A watchdog SIGKILLs the daemon and its keeper if the test still runs
+//! `VOLFS_TEST_WATCHDOG_SECS` (default 600) after the start (or at `set_watchdog`'s deadline),
+//! so that a deadlocked filesystem fails the test (ENOTCONN) instead of hanging CI.
 #![allow(dead_code)]
 #![allow(unsafe_code)] // fork() in run_as
 
@@ -29,7 +46,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -44,8 +61,12 @@ pub const MOUNTD: &str = env!("CARGO_BIN_EXE_volfs-mountd");
 
 /// How long to wait for the daemon to answer `ls` after it was spawned.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long `stop()` waits for the daemon to exit after SIGTERM.
+/// How long `stop()` / `shutdown()` wait for the daemon to exit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a keeper may take to be gone after SIGKILL or `volfs shutdown`.
+const KEEPER_GONE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a restarted daemon may take until `volfs ls` lists every resumed mount.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------
 // errno helpers
@@ -232,6 +253,168 @@ pub fn lazy_umount(path: &Path) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// processes and the keeper
+// ---------------------------------------------------------------------------------------------
+
+/// Is process `pid` alive (a zombie counts as dead: a killed keeper that was not our child may
+/// stay a zombie until its new parent reaps it)?
+pub fn pid_alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(s) => {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits up to `limit` for `pid` to be gone; returns whether it is.
+pub fn wait_pid_gone(pid: i32, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    while pid_alive(pid) {
+        if t0.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// The arguments of process `pid` (empty if it is gone).
+fn cmdline(pid: i32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Inodes of the unix sockets bound to `path` (from /proc/net/unix; listening and accepted).
+fn unix_socket_inodes(path: &Path) -> Vec<u64> {
+    let want = path.to_string_lossy();
+    fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && f[7] == want).then(|| f[6].parse().ok())?
+        })
+        .collect()
+}
+
+/// Inodes of the sockets process `pid` has open.
+fn fd_socket_inodes(pid: i32) -> Vec<u64> {
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| {
+        let link = fs::read_link(e.ok()?.path()).ok()?;
+        let s = link.to_str()?;
+        s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    })
+    .collect()
+}
+
+/// The pid of the live keeper of `root` (`ROOT/keeper.pid`), if there is one. The pid is only
+/// believed if that process is a `volfs-mountd --keeper` of this very root (named in its
+/// arguments, or holding a socket bound at `ROOT/keeper.sock`): pids are reused, and tests on
+/// other roots run in parallel.
+pub fn keeper_pid(root: &Path) -> Option<i32> {
+    let text = fs::read_to_string(root.join("keeper.pid")).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    if pid <= 1 || !pid_alive(pid) {
+        return None;
+    }
+    let args = cmdline(pid);
+    if !args.iter().any(|a| a == "--keeper") {
+        return None;
+    }
+    let mut roots = vec![root.to_path_buf()];
+    if let Ok(c) = fs::canonicalize(root) {
+        roots.push(c);
+    }
+    for r in &roots {
+        let rs = r.to_string_lossy();
+        let sock = r.join("keeper.sock");
+        let ss = sock.to_string_lossy();
+        let named = args.iter().any(|a| {
+            *a == *rs
+                || *a == *ss
+                || a.ends_with(&format!("={rs}"))
+                || a.ends_with(&format!("={ss}"))
+        });
+        if named {
+            return Some(pid);
+        }
+        let inodes = unix_socket_inodes(&sock);
+        if !inodes.is_empty() && fd_socket_inodes(pid).iter().any(|i| inodes.contains(i)) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// SIGKILL the keeper of `root` (if [`keeper_pid`] finds one) and wait up to 10 s for it to
+/// be gone. Returns its pid. Never panics.
+pub fn kill_keeper(root: &Path) -> Option<i32> {
+    let pid = keeper_pid(root)?;
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    wait_pid_gone(pid, KEEPER_GONE_TIMEOUT);
+    Some(pid)
+}
+
+/// Run `f` on a helper thread and return its result, or panic naming `what` if it has not
+/// returned after `limit` (the thread is left behind, blocked; the `Daemon`'s drop kills the
+/// keeper and unmounts, which unblocks it). A panic in `f` is re-raised here.
+#[track_caller]
+pub fn bounded<T, F>(what: &str, limit: Duration, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(v)) => v,
+        Ok(Err(p)) => std::panic::resume_unwind(p),
+        Err(_) => panic!("{what}: still blocked after {limit:?}"),
+    }
+}
+
+/// Parse the output of `volfs ls` into `(volume, mount point, read_only)`.
+pub fn parse_ls(out: &str) -> Vec<(String, PathBuf, bool)> {
+    let mut v = Vec::new();
+    for line in out.lines().skip(1) {
+        let line = line.trim_end();
+        let Some((name, rest)) = line.split_once(char::is_whitespace) else {
+            continue;
+        };
+        let rest = rest.trim();
+        if rest.is_empty() {
+            continue;
+        }
+        for m in rest.split(", ") {
+            match m.strip_suffix(" (ro)") {
+                Some(p) => v.push((name.to_string(), PathBuf::from(p), true)),
+                None => v.push((name.to_string(), PathBuf::from(m), false)),
+            }
+        }
+    }
+    v
+}
+
+/// How many mounts (of any type) sit exactly at `path` in /proc/self/mountinfo.
+pub fn mount_count(path: &Path) -> usize {
+    mounts().iter().filter(|(p, _)| p == path).count()
+}
+
+// ---------------------------------------------------------------------------------------------
 // Daemon
 // ---------------------------------------------------------------------------------------------
 
@@ -241,10 +424,12 @@ pub struct Daemon {
     /// pid of the live child, 0 when none; read by the watchdog.
     pid: Arc<AtomicI32>,
     watchdog_done: Arc<AtomicBool>,
+    watchdog_deadline: Arc<Mutex<Instant>>,
     root: PathBuf,
     socket: PathBuf,
     log: PathBuf,
-    /// Mount points created through this daemon that may still be mounted.
+    /// Every mount point this daemon mounted or listed: lazily unmounted on drop (they
+    /// outlive the daemon process now, so this is never shrunk except by `umount`).
     mounts: Mutex<Vec<PathBuf>>,
     /// Holds the socket and log (and the root, for `start()`); dropped last.
     _dir: TempDir,
@@ -276,10 +461,15 @@ impl Daemon {
     }
 
     fn spawn(dir: TempDir, root: PathBuf) -> Daemon {
+        let secs: u64 = std::env::var("VOLFS_TEST_WATCHDOG_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(600);
         let mut d = Daemon {
             child: None,
             pid: Arc::new(AtomicI32::new(0)),
             watchdog_done: Arc::new(AtomicBool::new(false)),
+            watchdog_deadline: Arc::new(Mutex::new(Instant::now() + Duration::from_secs(secs))),
             socket: dir.path().join("volfs.sock"),
             log: dir.path().join("daemon.log"),
             root,
@@ -291,31 +481,54 @@ impl Daemon {
         d
     }
 
+    /// The watchdog fires `after` from now (instead of `VOLFS_TEST_WATCHDOG_SECS` after the
+    /// start): it SIGKILLs the daemon and its keeper, so that accesses blocked on a mount fail
+    /// (ENOTCONN) and the test ends instead of hanging.
+    pub fn set_watchdog(&self, after: Duration) {
+        *self
+            .watchdog_deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Instant::now() + after;
+    }
+
     fn start_watchdog(&self) {
-        let secs: u64 = std::env::var("VOLFS_TEST_WATCHDOG_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(600);
         let pid = self.pid.clone();
         let done = self.watchdog_done.clone();
+        let deadline = self.watchdog_deadline.clone();
         let log = self.log.clone();
+        let root = self.root.clone();
         std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(secs);
-            while Instant::now() < deadline {
+            loop {
                 if done.load(Ordering::SeqCst) {
                     return;
+                }
+                let d = *deadline.lock().unwrap_or_else(|e| e.into_inner());
+                if Instant::now() >= d {
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
             let p = pid.load(Ordering::SeqCst);
-            if p > 0 && !done.load(Ordering::SeqCst) {
-                eprintln!(
-                    "volfs test watchdog: daemon {p} still alive after {secs}s; SIGKILL (log {})",
-                    log.display()
-                );
+            eprintln!(
+                "volfs test watchdog: test still running at its deadline; SIGKILL daemon {p} and \
+                 the keeper of {} (log {})",
+                root.display(),
+                log.display()
+            );
+            if p > 0 {
                 let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
             }
+            kill_keeper(&root);
         });
+    }
+
+    fn record_mounts(&self, listed: &[(String, PathBuf, bool)]) {
+        let mut m = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, p, _) in listed {
+            if !m.contains(p) {
+                m.push(p.clone());
+            }
+        }
     }
 
     fn start_process(&mut self) {
@@ -353,7 +566,10 @@ impl Daemon {
                     self.log()
                 );
             }
-            if self.cli(&["ls"]).status.success() {
+            let out = self.cli(&["ls"]);
+            if out.status.success() {
+                // Resumed mounts: remember them so that drop cleans them up.
+                self.record_mounts(&parse_ls(&String::from_utf8_lossy(&out.stdout)));
                 return;
             }
             if t0.elapsed() > READY_TIMEOUT {
@@ -380,6 +596,11 @@ impl Daemon {
     /// pid of the running daemon (None when stopped/killed).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// pid of the live keeper of this daemon's root (see [`keeper_pid`]).
+    pub fn keeper_pid(&self) -> Option<i32> {
+        keeper_pid(&self.root)
     }
 
     /// Everything the daemon(s) of this `Daemon` wrote to stdout/stderr so far.
@@ -416,6 +637,59 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `volfs ls`, parsed: `(volume, mount point, read_only)` of every mount the daemon lists.
+    #[track_caller]
+    pub fn listed_mounts(&self) -> Vec<(String, PathBuf, bool)> {
+        let v = parse_ls(&self.cli_ok(&["ls"]));
+        self.record_mounts(&v);
+        v
+    }
+
+    /// Waits (up to 15 s: a restarted daemon may answer before it has resumed every mount)
+    /// until `volfs ls` lists exactly the mounts `want` (`(mount point, read_only)`, in any
+    /// order), and asserts that each of them is then exactly one `fuse.volfs` mount in
+    /// /proc/self/mountinfo (not a new mount stacked on an old one).
+    #[track_caller]
+    pub fn assert_mounts(&self, want: &[(PathBuf, bool)]) {
+        let mut want: Vec<(PathBuf, bool)> = want.to_vec();
+        want.sort();
+        let t0 = Instant::now();
+        let mut got;
+        loop {
+            got = self
+                .listed_mounts()
+                .into_iter()
+                .map(|(_, p, ro)| (p, ro))
+                .collect::<Vec<_>>();
+            got.sort();
+            if got == want {
+                break;
+            }
+            if t0.elapsed() > RESUME_TIMEOUT {
+                panic!(
+                    "`volfs ls` lists the mounts {got:?}, expected {want:?} (waited \
+                     {RESUME_TIMEOUT:?}); daemon log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (p, _) in &want {
+            let here: Vec<String> = mounts()
+                .into_iter()
+                .filter(|(mp, _)| mp == p)
+                .map(|(_, t)| t)
+                .collect();
+            assert!(
+                here == ["fuse.volfs"],
+                "{} is listed by `volfs ls` but /proc/self/mountinfo has {here:?} there \
+                 (expected exactly one fuse.volfs mount); daemon log:\n{}",
+                p.display(),
+                self.log()
+            );
+        }
+    }
+
     /// `volfs create NAME`.
     #[track_caller]
     pub fn create(&self, name: &str) {
@@ -430,12 +704,14 @@ impl Daemon {
         if read_only {
             args.push("--read-only");
         }
-        self.cli_ok(&args);
         let canon = fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-        self.mounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(canon.clone());
+        {
+            let mut m = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+            if !m.contains(&canon) {
+                m.push(canon.clone());
+            }
+        }
+        self.cli_ok(&args);
         assert!(
             is_mounted(&canon),
             "`volfs mount {name} {mp}` returned but {} is not in the mount table; log:\n{}",
@@ -456,7 +732,11 @@ impl Daemon {
     }
 
     fn lazy_umount_all(&self) {
-        let list = std::mem::take(&mut *self.mounts.lock().unwrap_or_else(|e| e.into_inner()));
+        let list = self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for m in list {
             if mount_fstype(&m).is_some_and(|t| t.starts_with("fuse")) {
                 lazy_umount(&m);
@@ -472,11 +752,9 @@ impl Daemon {
         self.pid.store(0, Ordering::SeqCst);
     }
 
-    /// SIGTERM the daemon and wait; asserts it exits 0 and left none of its mounts behind.
+    /// Waits for the daemon `c` to exit (up to 30 s; then SIGKILLs it and panics).
     #[track_caller]
-    pub fn stop(&mut self) {
-        let mut c = self.child.take().expect("stop(): daemon not running");
-        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+    fn wait_exit(&mut self, mut c: Child, after: &str) -> std::process::ExitStatus {
         let t0 = Instant::now();
         let status = loop {
             if let Some(st) = c.try_wait().expect("wait daemon") {
@@ -486,49 +764,125 @@ impl Daemon {
                 let _ = c.kill();
                 let _ = c.wait();
                 self.pid.store(0, Ordering::SeqCst);
-                self.lazy_umount_all();
                 panic!(
-                    "volfs-mountd did not exit {STOP_TIMEOUT:?} after SIGTERM; log:\n{}",
+                    "volfs-mountd did not exit {STOP_TIMEOUT:?} after {after}; log:\n{}",
                     self.log()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         self.pid.store(0, Ordering::SeqCst);
-        let left: Vec<PathBuf> = self
-            .mounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|m| is_mounted(m))
-            .cloned()
-            .collect();
-        self.lazy_umount_all();
         assert!(
             status.success(),
-            "volfs-mountd exited with {status} (signal {:?}) after SIGTERM; log:\n{}",
+            "volfs-mountd exited with {status} (signal {:?}) after {after}; log:\n{}",
             status.signal(),
             self.log()
         );
-        assert!(
-            left.is_empty(),
-            "volfs-mountd exited after SIGTERM but left mounts {left:?}; log:\n{}",
-            self.log()
-        );
+        status
+    }
+
+    /// SIGTERM the daemon (a clean stop *for a restart*) and wait; asserts it exits 0, removed
+    /// its socket and left every mount it listed in place (still a `fuse.volfs` mount: the
+    /// keeper holds the connections, accesses wait for the next daemon).
+    #[track_caller]
+    pub fn stop(&mut self) {
+        assert!(self.child.is_some(), "stop(): daemon not running");
+        let before = self.listed_mounts();
+        let c = self.child.take().expect("running");
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        self.wait_exit(c, "SIGTERM");
         assert!(
             !self.socket.exists(),
             "volfs-mountd exited after SIGTERM but left its socket"
         );
+        let gone: Vec<&PathBuf> = before
+            .iter()
+            .filter(|(_, p, _)| mount_fstype(p).as_deref() != Some("fuse.volfs"))
+            .map(|(_, p, _)| p)
+            .collect();
+        assert!(
+            gone.is_empty(),
+            "volfs-mountd exited after SIGTERM and took the mounts {gone:?} with it (they must \
+             stay mounted for the next daemon); log:\n{}",
+            self.log()
+        );
     }
 
-    /// SIGKILL the daemon, wait for it, then lazily unmount the dead mounts it left.
+    /// `volfs shutdown`: asserts the command succeeds, the daemon exits 0, none of its mounts
+    /// is left and its keeper is gone. The mount table is kept: the next start mounts again.
+    #[track_caller]
+    pub fn shutdown(&mut self) {
+        assert!(self.child.is_some(), "shutdown(): daemon not running");
+        let keeper = self.keeper_pid();
+        let before = self.listed_mounts();
+        let out = self.cli(&["shutdown"]);
+        assert!(
+            out.status.success(),
+            "`volfs shutdown` failed ({}): stdout {:?} stderr {:?}; daemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        let c = self.child.take().expect("running");
+        self.wait_exit(c, "`volfs shutdown`");
+        let mut paths: Vec<PathBuf> = before.into_iter().map(|(_, p, _)| p).collect();
+        paths.extend(
+            self.mounts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        let left: Vec<PathBuf> = paths
+            .into_iter()
+            .filter(|p| mount_fstype(p).as_deref() == Some("fuse.volfs"))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "`volfs shutdown` left the mounts {left:?}; daemon log:\n{}",
+            self.log()
+        );
+        if let Some(k) = keeper {
+            assert!(
+                wait_pid_gone(k, KEEPER_GONE_TIMEOUT),
+                "the keeper (pid {k}) is still alive {KEEPER_GONE_TIMEOUT:?} after `volfs \
+                 shutdown`; daemon log:\n{}",
+                self.log()
+            );
+        }
+        assert_eq!(
+            self.keeper_pid(),
+            None,
+            "a keeper of {} still runs after `volfs shutdown`",
+            self.root.display()
+        );
+    }
+
+    /// SIGKILL the daemon and wait for it. Its mounts stay (the keeper holds them for the next
+    /// daemon); a killed daemon also leaves its socket file behind.
     pub fn kill9(&mut self) {
         self.kill_child();
-        self.lazy_umount_all();
-        // A killed daemon leaves its socket file behind; the next daemon must cope with that.
     }
 
-    /// Start the daemon again on the same root and socket (after `stop` or `kill9`).
+    /// SIGKILL the daemon and then its keeper (pid from `ROOT/keeper.pid`), without unmounting:
+    /// the mounts are left dead (ENOTCONN) for the next start to replace. Returns the keeper's
+    /// pid if there was one.
+    pub fn kill9_all(&mut self) -> Option<i32> {
+        let keeper = self.keeper_pid();
+        self.kill_child();
+        let k = keeper?;
+        let _ = kill(Pid::from_raw(k), Signal::SIGKILL);
+        assert!(
+            wait_pid_gone(k, KEEPER_GONE_TIMEOUT),
+            "keeper {k} still alive {KEEPER_GONE_TIMEOUT:?} after SIGKILL"
+        );
+        Some(k)
+    }
+
+    /// Start the daemon again on the same root and socket (after `stop`, `shutdown`, `kill9`
+    /// or `kill9_all`; a running daemon is `stop`ped first). It resumes the mounts of its
+    /// table by itself.
     pub fn restart(&mut self) {
         if self.child.is_some() {
             self.stop();
@@ -541,6 +895,9 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.watchdog_done.store(true, Ordering::SeqCst);
         self.kill_child();
+        // The keeper first: then whatever still waits on a mount fails (ENOTCONN) instead of
+        // hanging, and nothing keeps the connections alive.
+        kill_keeper(&self.root);
         self.lazy_umount_all();
     }
 }
@@ -602,26 +959,48 @@ impl TestVolume {
         mp
     }
 
-    fn remount_all(&self) {
-        for (mp, ro) in &self.mounts {
-            self.daemon().mount(VOLUME, mp, *ro);
-        }
+    /// Every mount is listed again, with its read-only flag, exactly once in mountinfo.
+    #[track_caller]
+    fn assert_all_mounts(&self) {
+        self.daemon().assert_mounts(&self.mounts);
     }
 
-    /// Stop the daemon cleanly (SIGTERM, exit 0), start a new one on the same root and remount
-    /// every mount at the same place.
+    /// Stop the daemon cleanly (SIGTERM, exit 0; the mounts stay), start a new one on the same
+    /// root; it resumes every mount at the same place (asserted).
+    #[track_caller]
     pub fn restart(&mut self) {
         self.daemon.as_mut().expect("daemon").restart();
-        self.remount_all();
+        self.assert_all_mounts();
     }
 
-    /// SIGKILL the daemon, lazily unmount its dead mounts, start a new one on the same root and
-    /// remount every mount at the same place.
+    /// SIGKILL the daemon (the keeper keeps the mounts), start a new one on the same root; it
+    /// resumes every mount at the same place (asserted).
+    #[track_caller]
     pub fn kill_and_restart(&mut self) {
         let d = self.daemon.as_mut().expect("daemon");
         d.kill9();
         d.restart();
-        self.remount_all();
+        self.assert_all_mounts();
+    }
+
+    /// SIGKILL the daemon and its keeper (the mounts die: ENOTCONN), start a new one on the
+    /// same root; it mounts every mount of its table afresh at the same place (asserted).
+    #[track_caller]
+    pub fn kill_all_and_restart(&mut self) {
+        let d = self.daemon.as_mut().expect("daemon");
+        d.kill9_all();
+        d.restart();
+        self.assert_all_mounts();
+    }
+
+    /// `volfs shutdown` (everything unmounted, the kernel forgets all it cached), start a new
+    /// daemon on the same root; it mounts every mount of its table afresh (asserted).
+    #[track_caller]
+    pub fn shutdown_and_restart(&mut self) {
+        let d = self.daemon.as_mut().expect("daemon");
+        d.shutdown();
+        d.restart();
+        self.assert_all_mounts();
     }
 }
 
@@ -633,7 +1012,8 @@ impl Default for TestVolume {
 
 impl Drop for TestVolume {
     fn drop(&mut self) {
-        // Kill the daemon and unmount before the mount point directories are removed.
+        // Kill the daemon and its keeper and unmount before the mount point directories are
+        // removed.
         drop(self.daemon.take());
         for (mp, _) in &self.mounts {
             lazy_umount(mp);
