@@ -56,6 +56,8 @@ struct Setup {
 impl Setup {
     fn new() -> Setup {
         let daemon = Daemon::start();
+        // A mount whose daemon never comes back makes accesses wait: fail instead of hanging.
+        daemon.set_watchdog(Duration::from_secs(240));
         daemon.create(VOL);
         let dir = open_tempdir();
         let mnt = fs::canonicalize(dir.path()).expect("canonicalize");

@@ -434,14 +434,13 @@ impl Drop for OwnDaemon {
 }
 
 fn volfs_cli(socket: &Path, args: &[&str]) -> Output {
-    Command::new(VOLFS)
-        .arg("--socket")
+    let mut cmd = Command::new(VOLFS);
+    cmd.arg("--socket")
         .arg(socket)
         .args(args)
-        .env_remove("VOLFS_SOCKET")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run volfs")
+        .env_remove("VOLFS_SOCKET");
+    run_within(cmd, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("`volfs {args:?}` did not return within 30 s"))
 }
 
 fn wait_timeout(c: &mut Child, t: Duration) -> Option<ExitStatus> {

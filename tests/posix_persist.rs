@@ -218,6 +218,8 @@ fn check_contents(m: &Path, files: &[(PathBuf, Vec<u8>)]) {
 #[test]
 fn tree_survives_a_clean_restart_identically() {
     let mut tv = TestVolume::new();
+    // A mount whose daemon never comes back makes accesses wait: fail instead of hanging.
+    tv.daemon().set_watchdog(std::time::Duration::from_secs(90));
     let files = build_tree(tv.mnt());
     let before = snapshot(tv.mnt());
     assert!(before.len() >= 18, "tree too small: {:?}", before.keys());
@@ -243,6 +245,8 @@ fn tree_survives_a_clean_restart_identically() {
 #[test]
 fn tree_survives_two_restarts_and_a_remount() {
     let mut tv = TestVolume::new();
+    // A mount whose daemon never comes back makes accesses wait: fail instead of hanging.
+    tv.daemon().set_watchdog(std::time::Duration::from_secs(90));
     let files = build_tree(tv.mnt());
     let before = snapshot(tv.mnt());
     tv.restart();
@@ -319,6 +323,8 @@ enum Down {
 
 fn open_unlinked_across_a_restart(down: Down) {
     let mut tv = TestVolume::new();
+    // A mount whose daemon never comes back makes accesses wait: fail instead of hanging.
+    tv.daemon().set_watchdog(std::time::Duration::from_secs(90));
     fs::create_dir(tv.path("d")).unwrap();
     write_file(&tv.path("d/keeper"), b"keep me");
     let (used0, inodes0) = used_bytes_and_inodes(tv.mnt());

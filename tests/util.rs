@@ -67,6 +67,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPER_GONE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a restarted daemon may take until `volfs ls` lists every resumed mount.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one `volfs` command may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // errno helpers
@@ -387,6 +389,30 @@ where
     }
 }
 
+/// Run `cmd` (stdin null, output captured); `None` (after SIGKILLing it) if it has not exited
+/// within `limit`.
+pub fn run_within(mut cmd: Command, limit: Duration) -> Option<Output> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(r) => Some(r.unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))),
+        Err(_) => {
+            // Not reaped yet (the helper thread still waits for it): the pid is still ours.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            None
+        }
+    }
+}
+
 /// Parse the output of `volfs ls` into `(volume, mount point, read_only)`.
 pub fn parse_ls(out: &str) -> Vec<(String, PathBuf, bool)> {
     let mut v = Vec::new();
@@ -566,7 +592,8 @@ impl Daemon {
                     self.log()
                 );
             }
-            let out = self.cli(&["ls"]);
+            let left = READY_TIMEOUT.saturating_sub(t0.elapsed()) + Duration::from_secs(1);
+            let out = self.cli_within(&["ls"], left);
             if out.status.success() {
                 // Resumed mounts: remember them so that drop cleans them up.
                 self.record_mounts(&parse_ls(&String::from_utf8_lossy(&out.stdout)));
@@ -609,15 +636,26 @@ impl Daemon {
     }
 
     /// Run `volfs --socket SOCKET args...` and return its output (whatever the exit status).
+    /// Panics (with the daemon log) if it has not returned after 30 s: a daemon that accepts a
+    /// request and never answers must fail the test, not hang it.
+    #[track_caller]
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(VOLFS)
-            .arg("--socket")
+        self.cli_within(args, CLI_TIMEOUT)
+    }
+
+    #[track_caller]
+    fn cli_within(&self, args: &[&str], limit: Duration) -> Output {
+        let mut cmd = Command::new(VOLFS);
+        cmd.arg("--socket")
             .arg(&self.socket)
             .args(args)
-            .env_remove("VOLFS_SOCKET")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("run {VOLFS}: {e}"))
+            .env_remove("VOLFS_SOCKET");
+        run_within(cmd, limit).unwrap_or_else(|| {
+            panic!(
+                "`volfs {args:?}` did not return within {limit:?}; daemon log:\n{}",
+                self.log()
+            )
+        })
     }
 
     /// Like [`Daemon::cli`] but panics (with stderr and the daemon log) unless it exits 0;
