@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -344,7 +344,7 @@ impl Drop for UnmountOnDrop {
 /// A `volfs-mountd` started by hand (to send it SIGINT and see its exit status), stderr to
 /// a log file. Dropping it SIGKILLs it and the keeper of its root and lazily unmounts `mounts`.
 struct OwnDaemon {
-    child: Option<Child>,
+    child: Option<CleanChild>,
     root: PathBuf,
     socket: PathBuf,
     log: PathBuf,
@@ -352,15 +352,16 @@ struct OwnDaemon {
 }
 
 impl OwnDaemon {
-    fn spawn(root: &Path, socket: &Path, log: &Path) -> Child {
+    fn spawn(root: &Path, socket: &Path, log: &Path) -> CleanChild {
         let logf = File::create(log).expect("create log");
-        Command::new(MOUNTD)
+        // Through the clean spawner, like util's `Daemon`: a process spawned while this test
+        // binary holds files open on a mount whose daemon is away hangs in execve.
+        CleanCommand::new(MOUNTD)
             .arg("--root")
             .arg(root)
             .arg("--socket")
             .arg(socket)
             .env_remove("VOLFS_SOCKET")
-            .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
             .stderr(logf)
             .spawn()
@@ -434,7 +435,7 @@ impl Drop for OwnDaemon {
 }
 
 fn volfs_cli(socket: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(VOLFS);
+    let mut cmd = CleanCommand::new(VOLFS);
     cmd.arg("--socket")
         .arg(socket)
         .args(args)
@@ -443,17 +444,8 @@ fn volfs_cli(socket: &Path, args: &[&str]) -> Output {
         .unwrap_or_else(|| panic!("`volfs {args:?}` did not return within 30 s"))
 }
 
-fn wait_timeout(c: &mut Child, t: Duration) -> Option<ExitStatus> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = c.try_wait().expect("try_wait") {
-            return Some(st);
-        }
-        if t0.elapsed() > t {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_timeout(c: &mut CleanChild, t: Duration) -> Option<ExitStatus> {
+    c.wait_timeout(t)
 }
 
 /// Runs a second `volfs-mountd` that is expected to refuse to start: returns its exit status

@@ -20,7 +20,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -115,15 +115,14 @@ fn read_uncached(p: &Path) -> std::io::Result<Vec<u8>> {
     Ok(v)
 }
 
-/// A child process that is SIGKILLed if the test ends without waiting for it.
-struct ChildGuard(Child);
+/// A child process (started through the clean spawner, see `util`) that is SIGKILLed if the
+/// test ends without waiting for it.
+struct ChildGuard(CleanChild);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait_timeout(Duration::from_secs(10));
     }
 }
 
@@ -417,11 +416,10 @@ fn everyone_goes_on(how: Down, io: bool) {
         fifo.display()
     );
     let mut child = ChildGuard(
-        Command::new("/bin/sh")
+        CleanCommand::new("/bin/sh")
             .arg("-c")
             .arg(&script)
             .current_dir(&work)
-            .stdin(Stdio::null())
             .stdout(File::create(&out_p).unwrap())
             .stderr(File::create(&err_p).unwrap())
             .spawn()
@@ -885,20 +883,22 @@ fn five_kill9_restarts_under_a_process_appending_through_one_open_file() {
     // read from stdin is appended, then acknowledged with "ok" on stdout.
     let script = "exec 3>>log || exit 2; \
                   while IFS= read -r line; do printf '%s\\n' \"$line\" >&3 || exit 3; echo ok; done";
+    let (in_r, in_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
+    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
     let mut child = ChildGuard(
-        Command::new("/bin/sh")
+        CleanCommand::new("/bin/sh")
             .arg("-c")
             .arg(script)
             .current_dir(&m)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdin(in_r)
+            .stdout(out_w)
             .stderr(File::create(&err_p).unwrap())
             .spawn()
             .expect("spawn sh"),
     );
     let pid = child.0.id();
-    let mut stdin = child.0.stdin.take().expect("stdin");
-    let stdout = child.0.stdout.take().expect("stdout");
+    let mut stdin = File::from(in_w);
+    let stdout = File::from(out_r);
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {

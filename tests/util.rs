@@ -31,6 +31,12 @@
 //! * [`keeper_pid`], [`kill_keeper`], [`pid_alive`], [`wait_pid_gone`]: the keeper process
 //!   (`ROOT/keeper.pid`, believed only for a `--keeper` process of that root).
 //! * [`bounded`]: run something that may block on a mount with a time limit.
+//! * [`CleanCommand`] / [`CleanChild`], [`run_within`]: start a process through a spawner
+//!   forked before `main`, which holds no descriptor on any mount. Any process this binary
+//!   spawns the usual way closes, in `execve`, its copies of every file this binary holds open
+//!   on a FUSE mount, and each such close waits (uninterruptibly) for that mount's daemon to
+//!   answer FLUSH: while a daemon is away, spawning its successor that way deadlocks. Daemons,
+//!   `volfs` commands and the restart tests' shells are all started through it.
 //!
 //! Every test should build its own `TestVolume` (or `Daemon`), so tests run in parallel.
 //! A watchdog SIGKILLs the daemon and its keeper if the test still runs
@@ -41,10 +47,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -255,6 +262,495 @@ pub fn lazy_umount(path: &Path) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// clean spawner
+// ---------------------------------------------------------------------------------------------
+//
+// Why: closing a descriptor of a regular file on a FUSE mount sends FLUSH to its daemon, and
+// the kernel waits for the answer uninterruptibly. `execve` closes every close-on-exec
+// descriptor the child copied from its parent, so a process spawned by this test binary
+// while it holds files open on a mount whose daemon is away (a test keeping files open across
+// a restart, or any other test running in parallel) is stuck in `execve` until a daemon
+// serves that mount again. If the process being spawned *is* that daemon, nothing ever does.
+// So daemons (and the CLI, and the shells of the restart tests) are started by a spawner
+// process forked before `main`, when this process holds no descriptor on any mount.
+
+mod spawner {
+    use std::ffi::{CString, OsString};
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    use nix::sys::socket::{
+        AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+        sendmsg, socketpair,
+    };
+
+    /// Our end of the request socket (SOCK_SEQPACKET), -1 if the spawner could not start.
+    pub(super) static SOCK: AtomicI32 = AtomicI32::new(-1);
+
+    #[used]
+    #[unsafe(link_section = ".init_array")]
+    static START: extern "C" fn() = start;
+
+    /// Runs before `main` (still single-threaded, no mount touched yet): forks the spawner.
+    extern "C" fn start() {
+        let Ok((ours, theirs)) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        ) else {
+            return;
+        };
+        // SAFETY: single-threaded at this point; the child only runs `serve` and `_exit`s.
+        match unsafe { libc::fork() } {
+            0 => {
+                drop(ours);
+                // SAFETY: plain syscalls.
+                unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                }
+                serve(theirs);
+                // SAFETY: exit without running the test binary's destructors.
+                unsafe { libc::_exit(0) }
+            }
+            -1 => {}
+            _ => {
+                drop(theirs);
+                SOCK.store(ours.as_raw_fd(), Ordering::SeqCst);
+                std::mem::forget(ours);
+            }
+        }
+    }
+
+    /// One request: NUL-separated `cwd`, `argc`, argv..., env... (`cwd` empty: inherit), with
+    /// the fds stdin, stdout, stderr and the reply socket. The reply socket gets `P` + pid
+    /// (i32 LE) at once and `S` + wait status (i32 LE) when the process exits, or `E` + errno.
+    struct Req {
+        cwd: Option<CString>,
+        argv: Vec<CString>,
+        env: Vec<CString>,
+        fds: Vec<OwnedFd>,
+    }
+
+    fn parse(buf: &[u8], fds: Vec<OwnedFd>) -> Option<Req> {
+        let mut it = buf.split(|b| *b == 0);
+        let cwd = it.next()?;
+        let argc: usize = std::str::from_utf8(it.next()?).ok()?.parse().ok()?;
+        let mut argv = Vec::new();
+        for _ in 0..argc {
+            argv.push(CString::new(it.next()?).ok()?);
+        }
+        let env = it
+            .filter(|e| !e.is_empty())
+            .map(|e| CString::new(e).ok())
+            .collect::<Option<Vec<_>>>()?;
+        (fds.len() == 4 && !argv.is_empty()).then(|| Req {
+            cwd: (!cwd.is_empty()).then(|| CString::new(cwd).ok()).flatten(),
+            argv,
+            env,
+            fds,
+        })
+    }
+
+    fn reply(fd: RawFd, tag: u8, v: i32) {
+        let mut m = vec![tag];
+        m.extend_from_slice(&v.to_le_bytes());
+        // SAFETY: plain send on a socket we own.
+        unsafe {
+            libc::send(fd, m.as_ptr().cast(), m.len(), libc::MSG_NOSIGNAL);
+        }
+    }
+
+    fn serve(sock: OwnedFd) {
+        let mut running: Vec<(i32, OwnedFd)> = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, 50) };
+            if n > 0 {
+                let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let got = recvmsg::<()>(
+                    sock.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                );
+                let (len, fds) = match got {
+                    Ok(m) => {
+                        let mut fds = Vec::new();
+                        if let Ok(c) = m.cmsgs() {
+                            for c in c {
+                                if let ControlMessageOwned::ScmRights(v) = c {
+                                    // SAFETY: the kernel just gave us these descriptors.
+                                    fds.extend(
+                                        v.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
+                                    );
+                                }
+                            }
+                        }
+                        (m.bytes, fds)
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return,
+                };
+                if len == 0 && fds.is_empty() {
+                    return; // the test binary is gone
+                }
+                match parse(&buf[..len], fds) {
+                    Some(req) => {
+                        if let Some(r) = launch(req) {
+                            running.push(r);
+                        }
+                    }
+                    None => continue,
+                }
+            } else if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                return;
+            }
+            loop {
+                let mut st = 0;
+                // SAFETY: plain waitpid.
+                let pid = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+                if pid <= 0 {
+                    break;
+                }
+                if let Some(i) = running.iter().position(|(p, _)| *p == pid) {
+                    let (_, r) = running.swap_remove(i);
+                    reply(r.as_raw_fd(), b'S', st);
+                }
+            }
+        }
+    }
+
+    fn launch(req: Req) -> Option<(i32, OwnedFd)> {
+        let Req {
+            cwd,
+            argv,
+            env,
+            mut fds,
+        } = req;
+        let reply_fd = fds.pop()?;
+        let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_p.push(std::ptr::null());
+        let mut env_p: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
+        env_p.push(std::ptr::null());
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        // SAFETY: the spawner is single-threaded; the child only makes syscalls, then execs.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: async-signal-safe calls only, on memory prepared before the fork.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, 0);
+                // Move the three fds out of the way of 0..2 first, then into place.
+                let mut hi = [0; 3];
+                for (i, fd) in raw.iter().enumerate() {
+                    hi[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
+                }
+                for (i, fd) in hi.iter().enumerate() {
+                    libc::dup2(*fd, i as i32);
+                }
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                if let Some(c) = &cwd {
+                    if libc::chdir(c.as_ptr()) != 0 {
+                        let msg = b"volfs test spawner: chdir failed\n";
+                        libc::write(2, msg.as_ptr().cast(), msg.len());
+                        libc::_exit(127);
+                    }
+                }
+                libc::execvpe(argv_p[0], argv_p.as_ptr(), env_p.as_ptr());
+                let msg = b"volfs test spawner: exec failed\n";
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+                libc::_exit(127);
+            }
+        }
+        if pid < 0 {
+            reply(reply_fd.as_raw_fd(), b'E', nix::errno::Errno::last_raw());
+            return None;
+        }
+        drop(fds);
+        reply(reply_fd.as_raw_fd(), b'P', pid);
+        Some((pid, reply_fd))
+    }
+
+    /// Sends one request; returns the reply socket.
+    pub(super) fn request(
+        cwd: Option<&std::path::Path>,
+        argv: &[OsString],
+        env: &[OsString],
+        stdio: [&OwnedFd; 3],
+    ) -> std::io::Result<OwnedFd> {
+        let sock = SOCK.load(Ordering::SeqCst);
+        if sock < 0 {
+            return Err(std::io::Error::other("the test spawner is not running"));
+        }
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let mut msg: Vec<u8> = Vec::new();
+        if let Some(c) = cwd {
+            msg.extend_from_slice(c.as_os_str().as_bytes());
+        }
+        msg.push(0);
+        msg.extend_from_slice(argv.len().to_string().as_bytes());
+        for a in argv.iter().chain(env) {
+            msg.push(0);
+            msg.extend_from_slice(&a.clone().into_vec());
+        }
+        let fds = [
+            stdio[0].as_raw_fd(),
+            stdio[1].as_raw_fd(),
+            stdio[2].as_raw_fd(),
+            theirs.as_raw_fd(),
+        ];
+        sendmsg::<()>(
+            sock,
+            &[IoSlice::new(&msg)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )?;
+        Ok(ours)
+    }
+}
+
+/// A process started by the clean spawner (see above): not our child, so it is waited for
+/// through the spawner, which reports its exit status on a socket.
+pub struct CleanChild {
+    pid: i32,
+    reply: std::os::fd::OwnedFd,
+    status: Option<std::process::ExitStatus>,
+}
+
+impl CleanChild {
+    /// Its pid.
+    pub fn id(&self) -> u32 {
+        self.pid as u32
+    }
+
+    fn recv_status(&mut self, block: bool) -> std::io::Result<Option<std::process::ExitStatus>> {
+        if self.status.is_some() {
+            return Ok(self.status);
+        }
+        let mut b = [0u8; 5];
+        let flags = if block {
+            nix::sys::socket::MsgFlags::empty()
+        } else {
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT
+        };
+        match nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&self.reply), &mut b, flags) {
+            Ok(5) if b[0] == b'S' => {
+                let st = i32::from_le_bytes([b[1], b[2], b[3], b[4]]);
+                self.status = Some(std::process::ExitStatus::from_raw(st));
+                Ok(self.status)
+            }
+            Ok(_) => Err(std::io::Error::other("the test spawner went away")),
+            Err(Errno::EAGAIN) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Its exit status if it has exited (and been reaped by the spawner).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.recv_status(false)
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.recv_status(true)?
+            .ok_or_else(|| std::io::Error::other("no exit status"))
+    }
+
+    /// Waits up to `limit` for it to exit.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.try_wait() {
+                return Some(st);
+            }
+            if t0.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL it unless it has already exited (it is not reaped before the spawner saw its
+    /// exit, so the pid is still its own).
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        if self.try_wait()?.is_none() {
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+        Ok(())
+    }
+}
+
+/// Like `std::process::Command`, but the process is started by the clean spawner (no copy of
+/// any descriptor this test binary holds on a mount).
+pub struct CleanCommand {
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    env: std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString>,
+    cwd: Option<PathBuf>,
+    stdio: [Option<std::os::fd::OwnedFd>; 3],
+}
+
+impl CleanCommand {
+    /// `program` (a path, or a name looked up in PATH), with this process's environment.
+    pub fn new(program: impl AsRef<std::ffi::OsStr>) -> CleanCommand {
+        CleanCommand {
+            program: program.as_ref().to_os_string(),
+            args: Vec::new(),
+            env: std::env::vars_os().collect(),
+            cwd: None,
+            stdio: [None, None, None],
+        }
+    }
+
+    pub fn arg(&mut self, a: impl AsRef<std::ffi::OsStr>) -> &mut Self {
+        self.args.push(a.as_ref().to_os_string());
+        self
+    }
+
+    pub fn args<I, S>(&mut self, args: I) -> &mut Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        for a in args {
+            self.arg(a);
+        }
+        self
+    }
+
+    pub fn env(
+        &mut self,
+        k: impl AsRef<std::ffi::OsStr>,
+        v: impl AsRef<std::ffi::OsStr>,
+    ) -> &mut Self {
+        self.env
+            .insert(k.as_ref().to_os_string(), v.as_ref().to_os_string());
+        self
+    }
+
+    pub fn env_remove(&mut self, k: impl AsRef<std::ffi::OsStr>) -> &mut Self {
+        self.env.remove(k.as_ref());
+        self
+    }
+
+    pub fn current_dir(&mut self, d: impl AsRef<Path>) -> &mut Self {
+        self.cwd = Some(d.as_ref().to_path_buf());
+        self
+    }
+
+    /// Standard input/output/error from a file or pipe end (default: /dev/null).
+    pub fn stdin(&mut self, f: impl Into<std::os::fd::OwnedFd>) -> &mut Self {
+        self.stdio[0] = Some(f.into());
+        self
+    }
+
+    pub fn stdout(&mut self, f: impl Into<std::os::fd::OwnedFd>) -> &mut Self {
+        self.stdio[1] = Some(f.into());
+        self
+    }
+
+    pub fn stderr(&mut self, f: impl Into<std::os::fd::OwnedFd>) -> &mut Self {
+        self.stdio[2] = Some(f.into());
+        self
+    }
+
+    /// Starts it (consuming the stdio descriptors given).
+    pub fn spawn(&mut self) -> std::io::Result<CleanChild> {
+        use std::os::unix::ffi::OsStringExt;
+        let null = || -> std::io::Result<std::os::fd::OwnedFd> {
+            Ok(OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?
+                .into())
+        };
+        let stdio = [
+            self.stdio[0].take().map_or_else(null, Ok)?,
+            self.stdio[1].take().map_or_else(null, Ok)?,
+            self.stdio[2].take().map_or_else(null, Ok)?,
+        ];
+        let mut argv = vec![self.program.clone()];
+        argv.extend(self.args.iter().cloned());
+        let env: Vec<std::ffi::OsString> = self
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let mut e = k.clone().into_vec();
+                e.push(b'=');
+                e.extend_from_slice(v.as_bytes());
+                std::ffi::OsString::from_vec(e)
+            })
+            .collect();
+        let reply = spawner::request(
+            self.cwd.as_deref(),
+            &argv,
+            &env,
+            [&stdio[0], &stdio[1], &stdio[2]],
+        )?;
+        drop(stdio);
+        let mut b = [0u8; 5];
+        let n = nix::sys::socket::recv(
+            std::os::fd::AsRawFd::as_raw_fd(&reply),
+            &mut b,
+            nix::sys::socket::MsgFlags::empty(),
+        )?;
+        let v = i32::from_le_bytes([b[1], b[2], b[3], b[4]]);
+        match (n, b[0]) {
+            (5, b'P') => Ok(CleanChild {
+                pid: v,
+                reply,
+                status: None,
+            }),
+            (5, b'E') => Err(std::io::Error::from_raw_os_error(v)),
+            _ => Err(std::io::Error::other("bad answer from the test spawner")),
+        }
+    }
+
+    /// Runs it with stdout and stderr captured; `None` (after SIGKILLing it) if it has not
+    /// exited within `limit`.
+    pub fn output_within(&mut self, limit: Duration) -> std::io::Result<Option<Output>> {
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        self.stdout(out_w).stderr(err_w);
+        let mut child = self.spawn()?;
+        let reader = |fd: std::os::fd::OwnedFd| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = File::from(fd).read_to_end(&mut v);
+                v
+            })
+        };
+        let (ro, re) = (reader(out_r), reader(err_r));
+        match child.wait_timeout(limit) {
+            Some(status) => Ok(Some(Output {
+                status,
+                stdout: ro.join().unwrap_or_default(),
+                stderr: re.join().unwrap_or_default(),
+            })),
+            None => {
+                let _ = child.kill();
+                Ok(None)
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // processes and the keeper
 // ---------------------------------------------------------------------------------------------
 
@@ -389,28 +885,12 @@ where
     }
 }
 
-/// Run `cmd` (stdin null, output captured); `None` (after SIGKILLing it) if it has not exited
-/// within `limit`.
-pub fn run_within(mut cmd: Command, limit: Duration) -> Option<Output> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    let pid = child.id() as i32;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(r) => Some(r.unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))),
-        Err(_) => {
-            // Not reaped yet (the helper thread still waits for it): the pid is still ours.
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            None
-        }
-    }
+/// Run `cmd` through the clean spawner (stdin null, output captured); `None` (after
+/// SIGKILLing it) if it has not exited within `limit`.
+#[track_caller]
+pub fn run_within(mut cmd: CleanCommand, limit: Duration) -> Option<Output> {
+    cmd.output_within(limit)
+        .unwrap_or_else(|e| panic!("run {:?}: {e}", cmd.program))
 }
 
 /// Parse the output of `volfs ls` into `(volume, mount point, read_only)`.
@@ -446,7 +926,7 @@ pub fn mount_count(path: &Path) -> usize {
 
 /// A running (or stopped) `volfs-mountd` with its own socket and log.
 pub struct Daemon {
-    child: Option<Child>,
+    child: Option<CleanChild>,
     /// pid of the live child, 0 when none; read by the watchdog.
     pid: Arc<AtomicI32>,
     watchdog_done: Arc<AtomicBool>,
@@ -565,13 +1045,13 @@ impl Daemon {
             .open(&self.log)
             .expect("open daemon log");
         let _ = writeln!(logf, "----- volfs-mountd --root {}", self.root.display());
-        let child = Command::new(MOUNTD)
+        // Through the clean spawner: see `spawner` for why not `std::process::Command`.
+        let child = CleanCommand::new(MOUNTD)
             .arg("--root")
             .arg(&self.root)
             .arg("--socket")
             .arg(&self.socket)
             .env_remove("VOLFS_SOCKET")
-            .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
             .stderr(logf)
             .spawn()
@@ -645,7 +1125,7 @@ impl Daemon {
 
     #[track_caller]
     fn cli_within(&self, args: &[&str], limit: Duration) -> Output {
-        let mut cmd = Command::new(VOLFS);
+        let mut cmd = CleanCommand::new(VOLFS);
         cmd.arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -792,7 +1272,7 @@ impl Daemon {
 
     /// Waits for the daemon `c` to exit (up to 30 s; then SIGKILLs it and panics).
     #[track_caller]
-    fn wait_exit(&mut self, mut c: Child, after: &str) -> std::process::ExitStatus {
+    fn wait_exit(&mut self, mut c: CleanChild, after: &str) -> std::process::ExitStatus {
         let t0 = Instant::now();
         let status = loop {
             if let Some(st) = c.try_wait().expect("wait daemon") {
