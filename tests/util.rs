@@ -366,15 +366,37 @@ mod spawner {
     fn serve(sock: OwnedFd) {
         let mut running: Vec<(i32, OwnedFd)> = Vec::new();
         let mut buf = vec![0u8; 1 << 20];
+        // SIGCHLD through a signalfd, so that exits are reported at once.
+        // SAFETY: plain signal-mask calls on a zeroed sigset.
+        let sfd = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+        };
         loop {
-            let mut pfd = libc::pollfd {
-                fd: sock.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, 50) };
-            if n > 0 {
+            let mut pfd = [
+                libc::pollfd {
+                    fd: sock.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: sfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds.
+            let n = unsafe { libc::poll(pfd.as_mut_ptr(), 2, 1000) };
+            if n > 0 && pfd[1].revents != 0 {
+                let mut info = [0u8; 128];
+                // SAFETY: drains the signalfd into a buffer of the right size.
+                while unsafe { libc::read(sfd, info.as_mut_ptr().cast(), info.len()) } > 0 {}
+            }
+            let pfd = pfd[0];
+            if n > 0 && pfd.revents & libc::POLLIN != 0 {
                 let mut cmsg = nix::cmsg_space!([RawFd; 4]);
                 let mut iov = [IoSliceMut::new(&mut buf)];
                 let got = recvmsg::<()>(
@@ -449,6 +471,9 @@ mod spawner {
             // SAFETY: async-signal-safe calls only, on memory prepared before the fork.
             unsafe {
                 libc::prctl(libc::PR_SET_PDEATHSIG, 0);
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
                 // Move the three fds out of the way of 0..2 first, then into place.
                 let mut hi = [0; 3];
                 for (i, fd) in raw.iter().enumerate() {
@@ -578,10 +603,17 @@ impl CleanChild {
             if let Ok(Some(st)) = self.try_wait() {
                 return Some(st);
             }
-            if t0.elapsed() > limit {
+            let left = limit.saturating_sub(t0.elapsed());
+            if left.is_zero() {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.reply),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, 1000) as i32) };
         }
     }
 
