@@ -1,5 +1,7 @@
-//! `volfs-mountd`: owns the store, serves every mount, answers the control socket.
-//! Runs in the foreground; SIGTERM or SIGINT unmount everything, flush, and exit 0.
+//! `volfs-mountd`: owns the store, serves every mount, answers the control socket and
+//! Docker's volume-plugin socket (`volfs::plugin`).
+//! Runs in the foreground; SIGTERM or SIGINT stop it for a restart (the mounts stay),
+//! `volfs shutdown` unmounts everything; both remove the sockets.
 //! Logs go to stderr, filtered by `RUST_LOG` (or its alias `VOLFS_LOG`; default `info`).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -12,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use volfs::api::{self, Response};
+use volfs::plugin::{self, Plugin};
 use volfs::volume::Registry;
 
 /// Serves volfs volumes over FUSE from one sled store.
@@ -30,6 +33,13 @@ struct Args {
     /// Let this group use the control socket too (mode 0660, owned by root:GROUP).
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Docker volume-plugin socket. dockerd finds plugins in /run/docker/plugins by file
+    /// name: `volfs.sock` there is the driver `volfs` (`docker volume create -d volfs`).
+    #[arg(long, value_name = "PATH", default_value = plugin::DEFAULT_SOCKET)]
+    plugin_socket: PathBuf,
+    /// Do not serve Docker's volume-plugin protocol.
+    #[arg(long)]
+    no_plugin: bool,
 }
 
 fn main() {
@@ -73,6 +83,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     // The socket first: it also tells whether another daemon already serves.
     let listener = bind(&args.socket, group)?;
+    let plugin_socket = (!args.no_plugin).then(|| args.plugin_socket.clone());
+    if let Some(p) = &plugin_socket {
+        if UnixStream::connect(p).is_ok() {
+            let _ = std::fs::remove_file(&args.socket);
+            bail!(
+                "something already answers on the plugin socket {}; stop it first, or \
+                 choose --plugin-socket or --no-plugin",
+                p.display()
+            );
+        }
+    }
     let registry = match Registry::open(&args.root) {
         Ok(r) => Arc::new(r),
         Err(e) => {
@@ -81,10 +102,43 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     registry.watch_keeper();
-    tracing::info!(root = %args.root.display(), socket = %args.socket.display(), "volfs-mountd ready");
+    // Docker's socket only now that every volume can be answered for: dockerd forgets a
+    // volume whose Get fails.
+    let plugin = match &plugin_socket {
+        Some(path) => {
+            let started = Plugin::new(registry.clone())
+                .and_then(|p| plugin::bind(path).map(|l| (Arc::new(p), l)));
+            let (plugin, plugin_listener) = match started {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&args.socket);
+                    bail!(e);
+                }
+            };
+            let p = plugin.clone();
+            std::thread::Builder::new()
+                .name("plugin".into())
+                .spawn(move || p.serve(plugin_listener))
+                .context("starting the plugin thread")?;
+            Some(plugin)
+        }
+        None => None,
+    };
+    let sockets: Arc<Vec<PathBuf>> = Arc::new(
+        std::iter::once(args.socket.clone())
+            .chain(plugin_socket.clone())
+            .collect(),
+    );
+    tracing::info!(
+        root = %args.root.display(),
+        socket = %args.socket.display(),
+        plugin_socket = %plugin_socket.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+        "volfs-mountd ready"
+    );
 
     let reg = registry.clone();
-    let socket = args.socket.clone();
+    let socks = sockets.clone();
+    let plug = plugin.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -92,10 +146,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 match conn {
                     Ok(stream) => {
                         let reg = reg.clone();
-                        let socket = socket.clone();
+                        let socks = socks.clone();
+                        let plug = plug.clone();
                         let _ = std::thread::Builder::new()
                             .name("control-conn".into())
-                            .spawn(move || serve(&reg, stream, &socket));
+                            .spawn(move || serve(&reg, stream, &socks, plug.as_deref()));
                     }
                     Err(e) => tracing::warn!("accepting a control connection: {e}"),
                 }
@@ -105,7 +160,12 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let sig = signals.wait().context("waiting for signals")?;
     tracing::info!("{sig:?}: stopping; the mounts stay and wait for the next volfs-mountd");
-    let _ = std::fs::remove_file(&args.socket);
+    if let Some(p) = &plugin {
+        p.stop();
+    }
+    for s in sockets.iter() {
+        let _ = std::fs::remove_file(s);
+    }
     registry.stop_for_restart();
     tracing::info!("volfs-mountd stopped cleanly");
     // Not returning through main: session threads are parked on purpose.
@@ -145,14 +205,20 @@ fn bind(socket: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixLi
     Ok(listener)
 }
 
-fn serve(registry: &Registry, stream: UnixStream, socket: &Path) {
+/// Answers one control connection. `sockets` are removed before a shutdown.
+fn serve(registry: &Registry, stream: UnixStream, sockets: &[PathBuf], plugin: Option<&Plugin>) {
     let mut line = Vec::new();
     let mut reader = BufReader::new((&stream).take(api::MAX_REQUEST as u64 + 1));
     let response = match reader.read_until(b'\n', &mut line) {
         Ok(_) => match api::decode_request(line.trim_ascii()) {
             Ok(api::Request::Shutdown) => {
                 tracing::info!("shutdown requested: unmounting everything");
-                let _ = std::fs::remove_file(socket);
+                if let Some(p) = plugin {
+                    p.stop();
+                }
+                for s in sockets {
+                    let _ = std::fs::remove_file(s);
+                }
                 registry.shutdown();
                 let _ = (&stream).write_all(b"{\"ok\":true}\n");
                 tracing::info!("volfs-mountd shut down");

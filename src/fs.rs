@@ -364,14 +364,26 @@ impl Drop for Mounted {
 }
 
 impl Mounted {
-    /// Unmounts and waits for the session's threads; a busy mountpoint is detached lazily
-    /// instead (its last user's close ends the session), so the daemon never blocks on it.
+    /// Unmounts; the session's threads end by themselves once the kernel ends the
+    /// connection. A busy mountpoint is detached lazily instead (its last user's close ends
+    /// the session), so the daemon never blocks on it.
     pub fn unmount(mut self, mountpoint: &Path) {
         match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
             Ok(()) => {
+                // The session ends when the kernel ends the connection, which waits for
+                // every other mount of it too (a bind mount in a container's namespace):
+                // waited for apart, so the caller (holding the mount table) never blocks.
                 if let Some(s) = self.session.take() {
-                    if let Err(e) = s.join() {
-                        tracing::debug!("session of {} ended: {e}", mountpoint.display());
+                    let path = mountpoint.to_path_buf();
+                    let waiter = std::thread::Builder::new()
+                        .name("session-end".into())
+                        .spawn(move || {
+                            if let Err(e) = s.join() {
+                                tracing::debug!("session of {} ended: {e}", path.display());
+                            }
+                        });
+                    if let Err(e) = waiter {
+                        tracing::warn!("starting a thread to wait for a session's end: {e}");
                     }
                 }
             }

@@ -1,9 +1,10 @@
 //! volfs: Docker data volumes served over FUSE from one embedded sled store.
 //!
-//! Layers, top to bottom: `api` (control protocol) and `volume` (registry of volumes and
-//! mounts) drive `fs` (the FUSE adapter, the only user of fuser), which calls the `vfs`
-//! seam, implemented over `store` (the key layout) and `chunks` (segment files). `keeper` holds
-//! FUSE connections across daemon restarts; `import` fills a volume from a directory or tar.
+//! Layers, top to bottom: `api` (control protocol) and `plugin` (Docker's volume-plugin
+//! protocol) over `volume` (registry of volumes and mounts), which drives `fs` (the FUSE
+//! adapter, the only user of fuser), which calls the `vfs` seam, implemented over `store`
+//! (the key layout) and `chunks` (segment files). `keeper` holds FUSE connections across
+//! daemon restarts; `import` fills a volume from a directory or tar.
 //! Errors are `error::FsError`.
 
 pub mod api;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod fs;
 pub mod import;
 pub mod keeper;
+pub mod plugin;
 pub mod store;
 pub mod units;
 pub mod vfs;

@@ -21,6 +21,7 @@
 //! | `intents` | sequence:u64                                 | a multi-key change being applied ([`Store::commit`]) |
 //! | `mounts`  | mountpoint path (bytes)                      | [`MountRecord`]: the daemon's mount table |
 //! | `doomed`  | vol:u64                                      | [`DoomedRecord`]: every `fs` key of `vol` is to be purged |
+//! | `docker_mounts` | volume name, 0x00, Docker mount ID (bytes) | count:u64: Docker's Mounts of that ID not yet Unmounted (`crate::plugin`) |
 //!
 //! Chunk bytes live in append-only segment files (`crate::chunks`), each version written
 //! once; the `c` key points at the current version.
@@ -66,6 +67,8 @@ pub struct Store {
     pub volumes: sled::Tree,
     /// The mount table: what the daemon serves again after a restart.
     pub mounts: sled::Tree,
+    /// Docker's mount references per (volume, mount ID) (see `crate::plugin`).
+    pub docker_mounts: sled::Tree,
     /// Volumes whose keys are to be purged (see [`Store::purge`]).
     doomed: sled::Tree,
     /// Multi-key changes being applied (see [`Store::commit`]).
@@ -112,6 +115,9 @@ impl Store {
         let mounts = db
             .open_tree("mounts")
             .map_err(|e| format!("cannot open tree mounts: {e}"))?;
+        let docker_mounts = db
+            .open_tree("docker_mounts")
+            .map_err(|e| format!("cannot open tree docker_mounts: {e}"))?;
         let intents = db
             .open_tree("intents")
             .map_err(|e| format!("cannot open tree intents: {e}"))?;
@@ -136,6 +142,7 @@ impl Store {
             fs,
             volumes,
             mounts,
+            docker_mounts,
             doomed,
             intents,
             intent_seq: Arc::new(std::sync::atomic::AtomicU64::new(1)),

@@ -765,6 +765,47 @@ impl Registry {
         Ok(info)
     }
 
+    /// Volume `name` if it exists, with its usage when `measure` (a usage that cannot be
+    /// measured is left out and logged: the volume still exists).
+    pub fn get(&self, name: &str, measure: bool) -> Result<Option<VolumeInfo>, String> {
+        validate_name(name)?;
+        let Some(rec) = self.record(name)? else {
+            return Ok(None);
+        };
+        let mut info = self.info(name, &rec);
+        if measure {
+            match self.usage(rec.id) {
+                Ok(u) => info.usage = Some(u),
+                Err(e) => tracing::warn!(volume = name, "{e}"),
+            }
+        }
+        Ok(Some(info))
+    }
+
+    /// The volume mounted at `path` (canonical), per the daemon's mount table.
+    pub fn mounted_volume(&self, path: &Path) -> Option<String> {
+        lock(&self.mounts).get(path).map(|m| m.volume.clone())
+    }
+
+    /// The mountpoints of the daemon's mounts under `dir`, with their volumes.
+    pub fn mounts_under(&self, dir: &Path) -> Vec<(PathBuf, String)> {
+        lock(&self.mounts)
+            .iter()
+            .filter(|(p, _)| p.starts_with(dir))
+            .map(|(p, m)| (p.clone(), m.volume.clone()))
+            .collect()
+    }
+
+    /// The daemon's `--root` directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The store (for modules that keep their own trees in it, such as `crate::plugin`).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Every volume with its usage.
     pub fn df(&self) -> Result<Vec<VolumeInfo>, String> {
         let mut out = self.list(&LsFilters::default())?;

@@ -361,6 +361,7 @@ impl OwnDaemon {
             .arg(root)
             .arg("--socket")
             .arg(socket)
+            .arg("--no-plugin")
             .env_remove("VOLFS_SOCKET")
             .stdout(logf.try_clone().expect("dup log"))
             .stderr(logf)

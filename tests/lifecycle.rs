@@ -241,6 +241,7 @@ impl CustomDaemon {
             .arg(root)
             .arg("--socket")
             .arg(&socket)
+            .arg("--no-plugin")
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

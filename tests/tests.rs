@@ -1,9 +1,11 @@
 //! The one integration-test binary (Cargo.toml has `autotests = false`): every test file is a
-//! module of it. Tests need root, /dev/fuse and the `acl` package (setfacl/getfacl).
+//! module of it. Tests need root, /dev/fuse, the `acl` package (setfacl/getfacl), and for `docker`
+//! Debian's `docker.io` and `busybox-static`.
 #![allow(clippy::unwrap_used)]
 
 #[macro_use]
 mod util;
+mod docker;
 mod durability;
 mod faults;
 mod integrity;

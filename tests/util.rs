@@ -3,7 +3,7 @@
 //! Stable API (used by several test modules):
 //!
 //! * [`Daemon`]: one `volfs-mountd` process on its own root and socket.
-//!   `Daemon::start()`, `Daemon::start_at(root)`, `cli`, `cli_ok`, `create`, `mount`,
+//!   `Daemon::start()`, `Daemon::start_at(root)`, `Daemon::start_with(args)`, `cli`, `cli_ok`, `create`, `mount`,
 //!   `umount`, `listed_mounts`, `assert_mounts`, `root`, `socket`, `pid`, `keeper_pid`, `log`,
 //!   `set_watchdog`, and the ways to end a daemon:
 //!   - `stop()`: SIGTERM, a clean stop *for a restart*: exit 0, socket removed, every mount
@@ -969,6 +969,8 @@ pub struct Daemon {
     /// Every mount point this daemon mounted or listed: lazily unmounted on drop (they
     /// outlive the daemon process now, so this is never shrunk except by `umount`).
     mounts: Mutex<Vec<PathBuf>>,
+    /// Arguments given to every start after `--root` and `--socket`.
+    extra_args: Vec<String>,
     /// Holds the socket and log (and the root, for `start()`); dropped last.
     _dir: TempDir,
 }
@@ -989,16 +991,25 @@ impl Daemon {
         let dir = open_tempdir();
         let root = dir.path().join("root");
         fs::create_dir(&root).expect("mkdir root");
-        Self::spawn(dir, root)
+        Self::spawn(dir, root, &[])
+    }
+
+    /// Start a daemon on a fresh, empty root with more arguments (kept for restarts), e.g.
+    /// `--plugin-socket PATH`.
+    pub fn start_with(args: &[&str]) -> Daemon {
+        let dir = open_tempdir();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).expect("mkdir root");
+        Self::spawn(dir, root, args)
     }
 
     /// Start a daemon on an existing root (e.g. one from a stopped or killed daemon). The
     /// caller keeps `root` alive.
     pub fn start_at(root: &Path) -> Daemon {
-        Self::spawn(open_tempdir(), root.to_path_buf())
+        Self::spawn(open_tempdir(), root.to_path_buf(), &[])
     }
 
-    fn spawn(dir: TempDir, root: PathBuf) -> Daemon {
+    fn spawn(dir: TempDir, root: PathBuf, extra_args: &[&str]) -> Daemon {
         let secs: u64 = std::env::var("VOLFS_TEST_WATCHDOG_SECS")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -1012,6 +1023,7 @@ impl Daemon {
             log: dir.path().join("daemon.log"),
             root,
             mounts: Mutex::new(Vec::new()),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             _dir: dir,
         };
         d.start_process();
@@ -1083,6 +1095,11 @@ impl Daemon {
             .arg(&self.root)
             .arg("--socket")
             .arg(&self.socket)
+            .args(&self.extra_args)
+            // Docker's plugin socket is one per machine: only tests that ask for it get one.
+            .args(
+                (!self.extra_args.iter().any(|a| a == "--plugin-socket")).then_some("--no-plugin"),
+            )
             .env_remove("VOLFS_SOCKET")
             .stdout(logf.try_clone().expect("dup log"))
             .stderr(logf)
