@@ -36,6 +36,7 @@ const TTL: Duration = Duration::from_secs(60);
 /// would end such requests with ECONNABORTED when the daemon dies.
 const LOOPS: usize = 4;
 const MAX_WRITE: u32 = 1024 * 1024;
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 /// Notification codes of Linux ≥ 6.9 / 6.16 that fuser 0.18 cannot send.
 const FUSE_NOTIFY_RESEND: i32 = 7;
 const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
@@ -189,48 +190,41 @@ fn notify_raw(fd: BorrowedFd<'_>, code: i32) -> std::io::Result<()> {
 /// pages whose mtime or size changed: a change acknowledged through one mount is seen by
 /// the next call through any other. When a second mount arrives, the first one's kernel
 /// still holds long TTLs; [`Peers::prepare_join`] makes it drop them (dentry epoch and
-/// attribute invalidation) before the new mount is made. Invalidations after each change
-/// are also sent from a thread of their own (for mmap'd pages); sending them from the
-/// handler could deadlock, since each kernel holds directory and page locks while it waits
-/// for this daemon.
+/// attribute invalidation) before the new mount is made. Pages mapped with mmap are read
+/// without asking anyone, so a write also has the other mounts drop the pages it changed
+/// before it is answered ([`Peers::drop_pages`]). Nothing else is invalidated: a
+/// notification racing a GETATTR makes the kernel discard that GETATTR's fresh answer.
 pub struct Peers {
     next: AtomicU64,
     mounts: Arc<Mutex<Vec<Arc<MountState>>>>,
     multi: AtomicBool,
     /// Handlers that chose the long TTL and have not replied yet.
     granting: AtomicU64,
-    queue: Mutex<std::sync::mpsc::Sender<(u64, Vec<Inval>)>>,
+    queue: Mutex<std::sync::mpsc::Sender<PageInval>>,
 }
 
 impl Default for Peers {
     fn default() -> Peers {
         let mounts: Arc<Mutex<Vec<Arc<MountState>>>> = Arc::default();
-        let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<Inval>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<PageInval>();
         let list = mounts.clone();
         // Ends when the volume's Peers is dropped (the channel closes).
         let _ = std::thread::Builder::new()
             .name("invalidate".into())
             .spawn(move || {
-                for (from, what) in rx {
+                for w in rx {
                     let others: Vec<Arc<MountState>> = lock(&list)
                         .iter()
-                        .filter(|m| m.id != from)
+                        .filter(|m| m.id != w.from)
                         .cloned()
                         .collect();
                     for m in others {
-                        let Some(n) = m.notifier.get() else { continue };
-                        for w in &what {
-                            // ENOENT: that kernel does not cache it; nothing to forget.
-                            let _ = match w {
-                                Inval::Inode(ino, off, len) => {
-                                    n.inval_inode(INodeNo(*ino), *off, *len)
-                                }
-                                Inval::Entry(parent, name) => {
-                                    n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
-                                }
-                            };
+                        if let Some(n) = m.notifier.get() {
+                            // ENOENT: that kernel does not cache it; nothing to drop.
+                            let _ = n.inval_inode(INodeNo(w.ino), w.offset, w.len);
                         }
                     }
+                    let _ = w.done.send(());
                 }
             });
         Peers {
@@ -241,6 +235,15 @@ impl Default for Peers {
             queue: Mutex::new(tx),
         }
     }
+}
+
+/// Pages of `ino` (`offset..offset+len`, `len` 0: to the end) that other mounts must drop.
+struct PageInval {
+    from: u64,
+    ino: u64,
+    offset: i64,
+    len: i64,
+    done: std::sync::mpsc::SyncSender<()>,
 }
 
 /// A reply's cache lifetime, held until the reply is sent.
@@ -326,21 +329,26 @@ impl Peers {
         lock(&self.mounts).iter().any(|m| m.id != me)
     }
 
-    fn send(&self, from: u64, what: Vec<Inval>) {
-        let _ = lock(&self.queue).send((from, what));
+    /// Has the other mounts drop cached pages of a range just written, and waits (a
+    /// bounded time) until they did. The wait is bounded because each kernel may hold
+    /// a page lock while waiting for this daemon (a partial-page write through two mounts
+    /// at once); the notification is then delivered once that write is answered.
+    fn drop_pages(&self, from: u64, ino: u64, offset: i64, len: i64) {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let w = PageInval {
+            from,
+            ino,
+            offset,
+            len,
+            done,
+        };
+        if lock(&self.queue).send(w).is_ok()
+            && wait.recv_timeout(Duration::from_millis(500)).is_err()
+        {
+            tracing::debug!(ino, "page invalidation of other mounts still pending");
+        }
     }
 }
-
-/// What another mount's kernel must forget.
-enum Inval {
-    /// Attributes, and the page range `offset..offset+len` unless `offset` is negative
-    /// (`len` 0: to the end).
-    Inode(u64, i64, i64),
-    Entry(u64, Vec<u8>),
-}
-
-/// How long an unmount waits for its session to end before leaving it to end by itself.
-const SESSION_END_WAIT: Duration = Duration::from_secs(2);
 
 /// A live mount served by background threads.
 pub struct Mounted {
@@ -363,13 +371,9 @@ impl Mounted {
         match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
             Ok(()) => {
                 // The session ends when the kernel ends the connection, which waits for
-                // every other mount of it too (a bind mount in a container's namespace).
-                // Usually that is at once, and the caller may rely on the volume being
-                // released (`rm` purges it); a session that outlives SESSION_END_WAIT is
-                // left to end by itself, so the caller (holding the mount table) never
-                // blocks on another namespace.
+                // every other mount of it too (a bind mount in a container's namespace):
+                // waited for apart, so the caller (holding the mount table) never blocks.
                 if let Some(s) = self.session.take() {
-                    let (done, ended) = std::sync::mpsc::channel();
                     let path = mountpoint.to_path_buf();
                     let waiter = std::thread::Builder::new()
                         .name("session-end".into())
@@ -377,21 +381,9 @@ impl Mounted {
                             if let Err(e) = s.join() {
                                 tracing::debug!("session of {} ended: {e}", path.display());
                             }
-                            let _ = done.send(());
                         });
-                    match waiter {
-                        Ok(_) => {
-                            if ended.recv_timeout(SESSION_END_WAIT).is_err() {
-                                tracing::info!(
-                                    "{} is unmounted but its connection has other users (a \
-                                     bind mount elsewhere); it is served until they go",
-                                    mountpoint.display()
-                                );
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!("starting a thread to wait for a session's end: {e}")
-                        }
+                    if let Err(e) = waiter {
+                        tracing::warn!("starting a thread to wait for a session's end: {e}");
                     }
                 }
             }
@@ -661,11 +653,12 @@ fn xattr_reply(reply: ReplyXattr, size: u32, r: FsResult<Vec<u8>>) {
 }
 
 impl<F: FileSystem> FuseAdapter<F> {
-    /// Makes the volume's other mounts forget what a change made stale (asynchronously,
-    /// see [`Peers`]).
-    fn tell_others(&self, what: Vec<Inval>) {
+    /// After data changed in `offset..offset+len` of `ino` (`len` 0: to the end).
+    fn pages_changed(&self, ino: u64, offset: u64, len: u64) {
         if self.peers.has_others(self.me.id) {
-            self.peers.send(self.me.id, what);
+            let off = i64::try_from(offset).unwrap_or(i64::MAX);
+            let len = i64::try_from(len).unwrap_or(0);
+            self.peers.drop_pages(self.me.id, ino, off, len);
         }
     }
 
@@ -693,37 +686,6 @@ impl<F: FileSystem> FuseAdapter<F> {
             }
             Err(e) => reply.error(errno(&e)),
         }
-    }
-
-    /// After a new name: the parent's attributes (mtime, nlink) changed.
-    fn told_new_entry(&self, parent: u64, r: FsResult<Attr>) -> FsResult<Attr> {
-        if let Ok(a) = &r {
-            self.tell_others(vec![
-                Inval::Inode(parent, -1, 0),
-                Inval::Inode(a.ino, -1, 0),
-            ]);
-        }
-        r
-    }
-
-    /// The inode a name points at now, when other mounts must hear about it.
-    fn peer_child(&self, parent: u64, name: &[u8]) -> Option<u64> {
-        if self.has_peers() {
-            self.fs.lookup(parent, name).ok().map(|a| a.ino)
-        } else {
-            None
-        }
-    }
-
-    /// After a name went away (or was replaced): the name, the parent's attributes, and
-    /// the attributes (nlink) of the inode it named.
-    fn told_removed(&self, parent: u64, name: &[u8], child: Option<u64>) {
-        let mut what = vec![
-            Inval::Entry(parent, name.to_vec()),
-            Inval::Inode(parent, -1, 0),
-        ];
-        what.extend(child.map(|c| Inval::Inode(c, -1, 0)));
-        self.tell_others(what);
     }
 
     /// A resent request that creates `name` finds it already there when the earlier
@@ -854,9 +816,8 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         let r = self
             .writable()
             .and_then(|()| self.fs.setattr(&ctx(req), ino.0, &set));
-        if r.is_ok() {
-            let off = if size.is_some() { 0 } else { -1 };
-            self.tell_others(vec![Inval::Inode(ino.0, off, 0)]);
+        if let (Ok(_), Some(size)) = (&r, size) {
+            self.pages_changed(ino.0, size, 0);
         }
         self.attr(reply, r);
     }
@@ -888,7 +849,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             Some(k) => self.created_before(req, parent.0, name.as_bytes(), r, k),
             None => r,
         };
-        self.entry(reply, self.told_new_entry(parent.0, r));
+        self.entry(reply, r);
     }
 
     fn mkdir(
@@ -906,30 +867,22 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                 .mkdir(&ctx(req), parent.0, name.as_bytes(), mode, umask)
         });
         let r = self.created_before(req, parent.0, name.as_bytes(), r, FileKind::Directory);
-        self.entry(reply, self.told_new_entry(parent.0, r));
+        self.entry(reply, r);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _pass = self.gate.enter();
-        let child = self.peer_child(parent.0, name.as_bytes());
         let r = self
             .writable()
             .and_then(|()| Self::removed_before(req, self.fs.unlink(parent.0, name.as_bytes())));
-        if r.is_ok() {
-            self.told_removed(parent.0, name.as_bytes(), child);
-        }
         empty(reply, r);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _pass = self.gate.enter();
-        let child = self.peer_child(parent.0, name.as_bytes());
         let r = self
             .writable()
             .and_then(|()| Self::removed_before(req, self.fs.rmdir(parent.0, name.as_bytes())));
-        if r.is_ok() {
-            self.told_removed(parent.0, name.as_bytes(), child);
-        }
         empty(reply, r);
     }
 
@@ -951,7 +904,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             )
         });
         let r = self.created_before(req, parent.0, link_name.as_bytes(), r, FileKind::Symlink);
-        self.entry(reply, self.told_new_entry(parent.0, r));
+        self.entry(reply, r);
     }
 
     fn rename(
@@ -966,7 +919,6 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
     ) {
         let _pass = self.gate.enter();
         let known = fuser::RenameFlags::RENAME_NOREPLACE | fuser::RenameFlags::RENAME_EXCHANGE;
-        let replaced = self.peer_child(newparent.0, newname.as_bytes());
         let r = self.writable().and_then(|()| {
             if !known.contains(flags) {
                 return Err(FsError::Invalid);
@@ -992,10 +944,6 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                 r => r,
             }
         });
-        if r.is_ok() {
-            self.told_removed(parent.0, name.as_bytes(), None);
-            self.told_removed(newparent.0, newname.as_bytes(), replaced);
-        }
         empty(reply, r);
     }
 
@@ -1020,7 +968,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             }
             r => r,
         };
-        self.entry(reply, self.told_new_entry(newparent.0, r));
+        self.entry(reply, r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -1029,9 +977,11 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY) || flags.0 & libc::O_TRUNC != 0;
         let r = if wants_write { self.writable() } else { Ok(()) };
         match r.and_then(|()| self.fs.open(ino.0)) {
-            // Keep the page cache across opens: every change reaches the volume through
-            // this kernel, which keeps the cache up to date itself.
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            // Keep the page cache across opens: with one mount every change goes through
+            // this kernel; with several, each read first checks mtime and size (see Peers).
+            // No FLUSH on close: there is nothing to flush (no writeback cache) and locks
+            // are the kernel's; a close then never waits for this daemon.
+            Ok(_) => reply.opened(FileHandle(0), OPEN_FLAGS),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1073,7 +1023,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             .and_then(|()| self.fs.write(ino.0, offset, data, kill))
         {
             Ok(n) => {
-                self.tell_others(vec![Inval::Inode(ino.0, offset as i64, i64::from(n))]);
+                self.pages_changed(ino.0, offset, u64::from(n));
                 reply.written(n)
             }
             Err(e) => reply.error(errno(&e)),
@@ -1251,9 +1201,6 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             self.fs
                 .setxattr(&ctx(req), ino.0, name.as_bytes(), value, flags)
         });
-        if r.is_ok() {
-            self.tell_others(vec![Inval::Inode(ino.0, -1, 0)]);
-        }
         empty(reply, r);
     }
 
@@ -1272,9 +1219,6 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
         let r = self
             .writable()
             .and_then(|()| self.fs.removexattr(ino.0, name.as_bytes()));
-        if r.is_ok() {
-            self.tell_others(vec![Inval::Inode(ino.0, -1, 0)]);
-        }
         empty(reply, r);
     }
 
@@ -1311,7 +1255,6 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             };
             self.fs.open(a.ino)
         });
-        let r = self.told_new_entry(parent.0, r);
         match r {
             Ok(a) => {
                 let ttl = self.peers.ttl();
@@ -1321,7 +1264,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(0),
-                    FopenFlags::FOPEN_KEEP_CACHE,
+                    OPEN_FLAGS,
                 )
             }
             Err(e) => reply.error(errno(&e)),
@@ -1382,7 +1325,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
             .writable()
             .and_then(|()| self.fs.fallocate(ino.0, offset, length, mode));
         if r.is_ok() {
-            self.tell_others(vec![Inval::Inode(ino.0, offset as i64, length as i64)]);
+            self.pages_changed(ino.0, offset, length);
         }
         empty(reply, r);
     }

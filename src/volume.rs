@@ -883,6 +883,14 @@ impl Registry {
     /// Deletes the keys of a removed volume now, or once nothing uses its filesystem any
     /// more (a mount detached while busy serves its open files until they close).
     fn purge(&self, id: u64, name: &str, fs: Option<Weak<SledFs>>) {
+        // A mount just unmounted lets go of the filesystem as soon as its session threads
+        // see the connection end: give them a moment before deferring the purge.
+        let t0 = Instant::now();
+        while fs.as_ref().is_some_and(|w| w.strong_count() > 0)
+            && t0.elapsed() < Duration::from_secs(2)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let in_use = fs.as_ref().is_some_and(|w| w.strong_count() > 0);
         if !in_use {
             if let Err(e) = self.store.purge(id) {

@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -45,45 +45,11 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Runs `cmd` to completion, killing it (and failing the test) after `limit`.
+/// Runs `cmd` (through util's clean spawner: see [`CleanCommand`]) to completion, killing it
+/// (and failing the test, naming `what`) after `limit`.
 #[track_caller]
-fn run_limited(cmd: &mut Command, limit: Duration) -> Output {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().expect("stdout")));
-    let err = drain(Box::new(child.stderr.take().expect("stderr")));
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{what} did not finish within {limit:?}; stderr: {}",
-                text(&err.join().unwrap_or_default())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
+fn run_limited(what: &str, cmd: CleanCommand, limit: Duration) -> Output {
+    run_within(cmd, limit).unwrap_or_else(|| panic!("{what} did not finish within {limit:?}"))
 }
 
 /// `s` without terminal colour sequences (the daemon's log has them).
@@ -595,16 +561,15 @@ fn plugin_socket_flags_and_a_second_daemon() {
     );
     // A second daemon on the same plugin socket is refused, and leaves the first alone.
     let other = open_tempdir();
-    let out = run_limited(
-        Command::new(MOUNTD)
-            .arg("--root")
-            .arg(other.path().join("root"))
-            .arg("--socket")
-            .arg(other.path().join("ctl.sock"))
-            .arg("--plugin-socket")
-            .arg(&socket),
-        Duration::from_secs(30),
-    );
+    let mut second = CleanCommand::new(MOUNTD);
+    second
+        .arg("--root")
+        .arg(other.path().join("root"))
+        .arg("--socket")
+        .arg(other.path().join("ctl.sock"))
+        .arg("--plugin-socket")
+        .arg(&socket);
+    let out = run_limited("a second volfs-mountd", second, Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("already answers on the plugin socket"),
@@ -642,14 +607,9 @@ fn umount_returns_while_a_bind_of_the_mount_lives_on() {
         None::<&str>,
     )
     .expect("bind");
-    let out = run_limited(
-        Command::new(VOLFS)
-            .arg("--socket")
-            .arg(d.socket())
-            .arg("umount")
-            .arg(&a),
-        Duration::from_secs(10),
-    );
+    let mut umount = CleanCommand::new(VOLFS);
+    umount.arg("--socket").arg(d.socket()).arg("umount").arg(&a);
+    let out = run_limited("volfs umount", umount, Duration::from_secs(10));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(d.cli_ok(&["ls", "-q"]), "bound\n");
     assert!(!is_volfs(&a));
@@ -673,7 +633,7 @@ struct Docker {
     volfs: Daemon,
     driver: String,
     plugin_socket: PathBuf,
-    dockerd: Option<Child>,
+    dockerd: Option<CleanChild>,
     host: String,
     dir: TempDir,
     /// Mount points made for the test (kept alive until teardown).
@@ -699,7 +659,7 @@ impl Docker {
         fs::create_dir(p.join("cli")).expect("cli config dir");
         let log = fs::File::create(p.join("dockerd.log")).expect("dockerd log");
         let host = format!("unix://{}", p.join("docker.sock").display());
-        let dockerd = Command::new("dockerd")
+        let dockerd = CleanCommand::new("dockerd")
             .arg("--config-file")
             .arg(p.join("daemon.json"))
             .arg("--data-root")
@@ -716,7 +676,6 @@ impl Docker {
                 "--userland-proxy=false",
                 "--shutdown-timeout=5",
             ])
-            .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)
             .spawn()
@@ -772,10 +731,9 @@ impl Docker {
             .find(|p| Path::new(p).exists())
             .expect("busybox (apt-get install busybox-static)");
         fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
-        let list = run_limited(
-            Command::new(root.join("bin/busybox")).arg("--list"),
-            Duration::from_secs(10),
-        );
+        let mut list = CleanCommand::new(root.join("bin/busybox"));
+        list.arg("--list");
+        let list = run_limited("busybox --list", list, Duration::from_secs(10));
         for applet in text(&list.stdout).lines() {
             if applet != "busybox" {
                 std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
@@ -802,15 +760,9 @@ impl Docker {
         }
         fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).expect("chmod");
         let tarball = self.dir.path().join("rootfs.tar");
-        let out = run_limited(
-            Command::new("tar")
-                .arg("-C")
-                .arg(&root)
-                .arg("-cf")
-                .arg(&tarball)
-                .arg("."),
-            COMMAND_TIMEOUT,
-        );
+        let mut tar = CleanCommand::new("tar");
+        tar.arg("-C").arg(&root).arg("-cf").arg(&tarball).arg(".");
+        let out = run_limited("tar of the image root", tar, COMMAND_TIMEOUT);
         assert!(out.status.success(), "tar: {}", text(&out.stderr));
         self.docker_ok(&["import", tarball.to_str().expect("utf-8"), IMAGE]);
     }
@@ -823,15 +775,13 @@ impl Docker {
 
     /// `docker -H HOST args…`, whatever its exit status.
     fn docker(&self, args: &[&str]) -> Output {
-        run_limited(
-            Command::new(docker_cli())
-                .env("DOCKER_CONFIG", self.dir.path().join("cli"))
-                .env_remove("DOCKER_HOST")
-                .env_remove("DOCKER_CONTEXT")
-                .args(["-H", &self.host])
-                .args(args),
-            COMMAND_TIMEOUT,
-        )
+        let mut cmd = CleanCommand::new(docker_cli());
+        cmd.env("DOCKER_CONFIG", self.dir.path().join("cli"))
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKER_CONTEXT")
+            .args(["-H", &self.host])
+            .args(args);
+        run_limited(&format!("docker {args:?}"), cmd, COMMAND_TIMEOUT)
     }
 
     /// `docker args…`, which must succeed; returns its stdout.

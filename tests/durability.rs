@@ -3,13 +3,18 @@
 //!
 //! * [`kill9_loses_nothing_fsynced`]: a writer thread creates files with unique deterministic
 //!   content, fsyncs each file and its directory, and records the name only after both fsyncs
-//!   returned. The daemon is `kill -9`ed after a random 0.2-2 s, restarted on the same root and
-//!   the volume remounted; every recorded file (of every cycle so far) must read back exactly.
-//!   Six cycles, then the volume must still work.
+//!   returned. After a random 0.2-2 s, either the daemon alone is `kill -9`ed (even cycles: its
+//!   keeper keeps the mount, the writer's requests wait for the next daemon and must all
+//!   succeed) or the daemon and its keeper (odd cycles: the mount dies, the writer stops at
+//!   ENOTCONN and the next start mounts afresh); then a daemon is started on the same root and
+//!   every recorded file (of every cycle so far) must read back exactly, with the kernel's
+//!   cached pages dropped first so that the bytes come from the store. Six cycles, then the
+//!   volume must still work.
 //! * [`kill9_leaves_consistent_tree`]: two threads churn a tree (mkdir, create, write, append,
 //!   truncate, rename, unlink, rmdir, symlink, hard link) without fsync; after each `kill -9`
-//!   and restart the whole tree must walk without error: every listed entry stats, every file
-//!   reads to exactly its size, every symlink reads. Five cycles.
+//!   (alternately of the daemon alone, which the churners must not notice, and of the daemon
+//!   and its keeper) and restart the whole tree must walk without error: every listed entry
+//!   stats, every file reads to exactly its size, every symlink reads. Five cycles.
 //!
 //! `VOLFS_TEST_SEED` replays a run (the kill moments still vary with scheduling).
 
@@ -34,7 +39,8 @@ const VOL: &str = "dur";
 const CYCLES: u64 = 6;
 
 /// Is the open file or directory `f` on a FUSE filesystem? Used by the writers so that
-/// nothing is recorded that went to the directory under a dead, lazily-unmounted mount point.
+/// nothing is recorded that went to the directory under a dead mount point after the next
+/// daemon detached it.
 fn on_fuse(f: &File) -> io::Result<bool> {
     let st = nix::sys::statfs::fstatfs(f).map_err(io::Error::from)?;
     Ok(st.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC)
@@ -50,6 +56,8 @@ struct Setup {
 impl Setup {
     fn new() -> Setup {
         let daemon = Daemon::start();
+        // A mount whose daemon never comes back makes accesses wait: fail instead of hanging.
+        daemon.set_watchdog(Duration::from_secs(240));
         daemon.create(VOL);
         let dir = open_tempdir();
         let mnt = fs::canonicalize(dir.path()).expect("canonicalize");
@@ -61,16 +69,47 @@ impl Setup {
         }
     }
 
-    /// kill -9 the daemon (its dead mount is lazily unmounted).
-    fn kill9(&mut self) {
-        self.daemon.kill9();
+    /// kill -9 the daemon alone (`keeper` true: the mount lives on, its requests wait) or the
+    /// daemon and its keeper (the mount dies).
+    fn kill9(&mut self, keeper: bool) {
+        if keeper {
+            self.daemon.kill9();
+        } else {
+            self.daemon.kill9_all();
+        }
     }
 
-    /// Start the daemon again on the same root and remount.
-    fn start_and_mount(&mut self) {
+    /// Start the daemon again on the same root (stopping it first if it runs); it resumes the
+    /// mount, or mounts afresh if the mount died.
+    fn start(&mut self) {
         self.daemon.restart();
-        self.daemon.mount(VOL, &self.mnt, false);
+        self.daemon.assert_mounts(&[(self.mnt.clone(), false)]);
     }
+}
+
+/// Join `h`, panicking if it has not finished within `limit` (a request that never completes
+/// after the restart).
+fn join_within<T>(h: JoinHandle<T>, limit: Duration, what: &str, daemon: &Daemon) -> T {
+    let t0 = Instant::now();
+    while !h.is_finished() {
+        assert!(
+            t0.elapsed() < limit,
+            "{what} still blocked {limit:?} after the restart; daemon log tail:\n{}",
+            tail_lines(&daemon.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.join().expect("thread panicked")
+}
+
+/// Have the kernel drop its cached pages of `f`, so that the next read asks the daemon.
+fn drop_cached_pages(f: &File) {
+    let _ = nix::fcntl::posix_fadvise(
+        std::os::fd::AsRawFd::as_raw_fd(f),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
 }
 
 /// Deterministic content of version `version` of the file called `name`.
@@ -101,7 +140,8 @@ type Rec = (String, u32);
 
 /// What the writer of one cycle did.
 struct WriterEnd {
-    /// The error that stopped it (expected: ENOTCONN / EIO / ECONNABORTED after the kill).
+    /// The error that stopped it (after a kill of the daemon and its keeper: ENOTCONN / EIO /
+    /// ECONNABORTED; after a kill of the daemon alone: none).
     error: Option<String>,
     attempted: u64,
     overwrites: u64,
@@ -222,13 +262,19 @@ fn writer(
     }
 }
 
-/// Every recorded file must exist with exactly its content.
+/// Every recorded file must exist with exactly its content (read past the kernel's page
+/// cache, which may have survived the restart with the mount).
 #[track_caller]
 fn verify_recorded(mnt: &Path, seed: u64, names: &[Rec], when: &str, daemon: &Daemon) {
     let mut bad = Vec::new();
     for (name, version) in names {
         let want = content(seed, name, *version);
-        match fs::read(mnt.join(name)) {
+        let read = File::open(mnt.join(name)).and_then(|mut f| {
+            drop_cached_pages(&f);
+            let mut v = Vec::new();
+            f.read_to_end(&mut v).map(|_| v)
+        });
+        match read {
             Ok(got) if got == want => {}
             Ok(got) => {
                 let first = got.iter().zip(&want).position(|(a, b)| a != b);
@@ -290,29 +336,37 @@ fn kill9_loses_nothing_fsynced() {
         };
         let delay = Duration::from_millis(rng.gen_range(200..=2000));
         std::thread::sleep(delay);
-        s.kill9();
-        // The writer stops at its first error; `stop` only matters if it saw none.
+        let keeper = cycle % 2 == 0;
+        let what = if keeper {
+            "kill -9 of the daemon"
+        } else {
+            "kill -9 of the daemon and its keeper"
+        };
+        s.kill9(keeper);
+        // The writer stops at its first error; `stop` only matters if it saw none. With the
+        // keeper alive its current request waits for the next daemon.
         stop.store(true, Ordering::SeqCst);
-        let end = h.join().expect("writer thread panicked");
+        std::thread::sleep(Duration::from_millis(200));
+        s.start();
+        let end = join_within(h, Duration::from_secs(20), "the writer", &s.daemon);
         let names = std::mem::take(&mut *done.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(e) = &end.error {
             assert!(
-                is_expected_crash_error(e),
-                "cycle {cycle}: writer failed with an unexpected error: {e}\ndaemon log tail:\n{}",
+                !keeper && is_expected_crash_error(e),
+                "cycle {cycle}: after a {what}, the writer failed with {e}\ndaemon log tail:\n{}",
                 tail_lines(&s.daemon.log(), 40)
             );
         }
-        s.start_and_mount();
         all.extend(names.iter().cloned());
         verify_recorded(
             &s.mnt,
             seed,
             &all,
-            &format!("cycle {cycle}: after kill -9 at {delay:?} and restart"),
+            &format!("cycle {cycle}: after a {what} at {delay:?} and restart"),
             &s.daemon,
         );
         println!(
-            "durability: cycle {cycle}: killed after {delay:?}; {} files fsynced and recorded \
+            "durability: cycle {cycle}: {what} after {delay:?}; {} files fsynced and recorded \
              ({} steps, {} in-place overwrites), writer stopped by: {}; all {} recorded files \
              intact",
             names.len(),
@@ -339,8 +393,8 @@ fn kill9_loses_nothing_fsynced() {
     let (first, last) = (all[0].clone(), all[all.len() - 1].clone());
     fs::remove_file(s.mnt.join(&first.0)).expect("unlink a recovered file");
     fs::rename(s.mnt.join(&last.0), s.mnt.join("renamed")).expect("rename");
-    s.daemon.restart();
-    s.daemon.mount(VOL, &s.mnt, false);
+    s.daemon.shutdown(); // unmounted: nothing the kernel cached survives
+    s.start();
     assert_eq!(
         fs::read(&p).expect("read after clean restart"),
         data,
@@ -468,7 +522,12 @@ fn walk(root: &Path, errors: &mut Vec<String>) -> (u64, u64, u64, u64) {
                 if md.nlink() == 0 {
                     errors.push(format!("{}: listed but nlink 0", p.display()));
                 }
-                match fs::read(&p) {
+                let read = File::open(&p).and_then(|mut f| {
+                    drop_cached_pages(&f);
+                    let mut v = Vec::new();
+                    f.read_to_end(&mut v).map(|_| v)
+                });
+                match read {
                     Ok(data) if data.len() as u64 == md.len() => nb += md.len(),
                     Ok(data) => errors.push(format!(
                         "{}: stat size {} but read {} bytes",
@@ -495,7 +554,8 @@ fn kill9_leaves_consistent_tree() {
     let mut s = Setup::new();
     for cycle in 0..5u64 {
         let stop = Arc::new(AtomicBool::new(false));
-        let workers: Vec<JoinHandle<u64>> = (0..2u64)
+        // Each worker returns (operations, the connection error that stopped it).
+        let workers: Vec<JoinHandle<(u64, Option<io::Error>)>> = (0..2u64)
             .map(|w| {
                 let (base, stop) = (s.mnt.clone(), stop.clone());
                 let wseed = seed ^ (cycle << 8) ^ w;
@@ -506,37 +566,73 @@ fn kill9_leaves_consistent_tree() {
                     while !stop.load(Ordering::SeqCst) && n < 1_000_000 {
                         n += 1;
                         if let Err(e) = churn_op(&mut rng, &base) {
-                            if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
-                            {
-                                break;
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ENODEV)
+                            ) {
+                                return (n, Some(e));
                             }
                         }
                     }
-                    n
+                    (n, None)
                 })
             })
             .collect();
         let delay = Duration::from_millis(rng.gen_range(300..=2000));
         std::thread::sleep(delay);
-        s.kill9();
+        // Even cycles: the daemon alone (the keeper holds the mount; the workers' requests
+        // wait and then succeed). Odd cycles: the daemon and its keeper (the mount dies; the
+        // workers stop at ENOTCONN before the next start mounts afresh).
+        let keeper = cycle % 2 == 0;
+        s.kill9(keeper);
         stop.store(true, Ordering::SeqCst);
-        let ops: u64 = workers
-            .into_iter()
-            .map(|h| h.join().expect("churn thread panicked"))
-            .sum();
-        // Whatever the workers did after the lazy unmount went to the directory under the
-        // mount point: remove it so that the remount is not shadowing anything confusing.
-        for ent in fs::read_dir(&s.mnt).expect("read mount dir while unmounted") {
-            let p = ent.expect("entry").path();
-            let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
+        let mut ended = Vec::new();
+        if !keeper {
+            for h in workers {
+                ended.push(join_within(
+                    h,
+                    Duration::from_secs(20),
+                    "a churn thread",
+                    &s.daemon,
+                ));
+            }
+            s.start();
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            s.start();
+            for h in workers {
+                ended.push(join_within(
+                    h,
+                    Duration::from_secs(20),
+                    "a churn thread",
+                    &s.daemon,
+                ));
+            }
         }
-        s.start_and_mount();
+        let ops: u64 = ended.iter().map(|(n, _)| n).sum();
+        if keeper {
+            let errs: Vec<String> = ended
+                .iter()
+                .filter_map(|(_, e)| e.as_ref().map(|e| e.to_string()))
+                .collect();
+            assert!(
+                errs.is_empty(),
+                "cycle {cycle}: the daemon alone was killed (its keeper holds the mount), yet \
+                 churn threads failed with {errs:?}\ndaemon log tail:\n{}",
+                tail_lines(&s.daemon.log(), 40)
+            );
+        }
         let mut errors = Vec::new();
         let (nd, nf, ns, nb) = walk(&s.mnt, &mut errors);
         assert!(
             errors.is_empty(),
-            "cycle {cycle}: tree inconsistent after kill -9 at {delay:?} and restart \
+            "cycle {cycle}: tree inconsistent after kill -9 ({}) at {delay:?} and restart \
              ({} problems; replay with VOLFS_TEST_SEED={}):\n  {}\ndaemon log tail:\n{}",
+            if keeper {
+                "daemon alone"
+            } else {
+                "daemon and keeper"
+            },
             errors.len(),
             seed.wrapping_sub(1),
             errors[..errors.len().min(20)].join("\n  "),
@@ -551,14 +647,23 @@ fn kill9_leaves_consistent_tree() {
              {nf} files ({nb} bytes), {ns} symlinks without error"
         );
     }
-    // Still consistent after a clean stop and start.
-    s.daemon.restart();
-    s.daemon.mount(VOL, &s.mnt, false);
+    // Still consistent after a clean stop and start (SIGTERM: the mount stays), and after a
+    // shutdown and start (a fresh mount: everything from the store).
+    s.start();
     let mut errors = Vec::new();
     walk(&s.mnt, &mut errors);
     assert!(
         errors.is_empty(),
         "tree inconsistent after a final clean restart:\n  {}",
+        errors[..errors.len().min(20)].join("\n  ")
+    );
+    s.daemon.shutdown();
+    s.start();
+    let mut errors = Vec::new();
+    walk(&s.mnt, &mut errors);
+    assert!(
+        errors.is_empty(),
+        "tree inconsistent after a final shutdown and start:\n  {}",
         errors[..errors.len().min(20)].join("\n  ")
     );
 }

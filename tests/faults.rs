@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -342,25 +342,27 @@ impl Drop for UnmountOnDrop {
 }
 
 /// A `volfs-mountd` started by hand (to send it SIGINT and see its exit status), stderr to
-/// a log file. Dropping it SIGKILLs it and lazily unmounts `mounts`.
+/// a log file. Dropping it SIGKILLs it and the keeper of its root and lazily unmounts `mounts`.
 struct OwnDaemon {
-    child: Option<Child>,
+    child: Option<CleanChild>,
+    root: PathBuf,
     socket: PathBuf,
     log: PathBuf,
     mounts: Vec<PathBuf>,
 }
 
 impl OwnDaemon {
-    fn spawn(root: &Path, socket: &Path, log: &Path) -> Child {
+    fn spawn(root: &Path, socket: &Path, log: &Path) -> CleanChild {
         let logf = File::create(log).expect("create log");
-        Command::new(MOUNTD)
+        // Through the clean spawner, like util's `Daemon`: a process spawned while this test
+        // binary holds files open on a mount whose daemon is away hangs in execve.
+        CleanCommand::new(MOUNTD)
             .arg("--root")
             .arg(root)
             .arg("--socket")
             .arg(socket)
             .arg("--no-plugin")
             .env_remove("VOLFS_SOCKET")
-            .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
             .stderr(logf)
             .spawn()
@@ -373,6 +375,7 @@ impl OwnDaemon {
         let log = dir.join("own.log");
         let mut d = OwnDaemon {
             child: Some(Self::spawn(&root, &socket, &log)),
+            root,
             socket,
             log,
             mounts: Vec::new(),
@@ -425,6 +428,7 @@ impl Drop for OwnDaemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        kill_keeper(&self.root);
         for m in &self.mounts {
             lazy_umount(m);
         }
@@ -432,27 +436,17 @@ impl Drop for OwnDaemon {
 }
 
 fn volfs_cli(socket: &Path, args: &[&str]) -> Output {
-    Command::new(VOLFS)
-        .arg("--socket")
+    let mut cmd = CleanCommand::new(VOLFS);
+    cmd.arg("--socket")
         .arg(socket)
         .args(args)
-        .env_remove("VOLFS_SOCKET")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run volfs")
+        .env_remove("VOLFS_SOCKET");
+    run_within(cmd, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("`volfs {args:?}` did not return within 30 s"))
 }
 
-fn wait_timeout(c: &mut Child, t: Duration) -> Option<ExitStatus> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = c.try_wait().expect("try_wait") {
-            return Some(st);
-        }
-        if t0.elapsed() > t {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_timeout(c: &mut CleanChild, t: Duration) -> Option<ExitStatus> {
+    c.wait_timeout(t)
 }
 
 /// Runs a second `volfs-mountd` that is expected to refuse to start: returns its exit status
@@ -501,7 +495,7 @@ fn corrupt_chunk_reads_eio_is_logged_and_never_returns_wrong_bytes() {
     let p = mnt.join("f");
     write_fsync_close(&p, &data).expect("write the file");
     let ino = fs::metadata(&p).expect("stat").ino();
-    d.stop(); // clean stop: no cache in the daemon or the kernel survives
+    d.shutdown(); // everything unmounted: no cache in the daemon or the kernel survives
 
     // Flip one byte in the middle of every stored version of chunk 1 (bytes 16..32 KiB).
     let recs = find_chunk_records(d.root(), ino, 1);
@@ -521,8 +515,8 @@ fn corrupt_chunk_reads_eio_is_logged_and_never_returns_wrong_bytes() {
         f.sync_all().unwrap();
     }
 
-    d.restart();
-    d.mount("crcvol", &mnt, false);
+    d.restart(); // mounts crcvol again at mnt, from the mount table
+    d.assert_mounts(&[(mnt.clone(), false)]);
     let f = File::open(&p).expect("open the corrupt file");
     // The damaged chunk: EIO, whichever way it is read, and no bytes of it.
     for (off, len) in [(CHUNK, CHUNK), (CHUNK + 1000, 1), (CHUNK + 4096, 100)] {
@@ -771,10 +765,12 @@ fn host_disk_full_is_enospc_and_the_volume_recovers_after_freeing_space() {
         }
     }
 
-    // A new daemon on the same root serves the surviving files.
+    // A new daemon on the same root serves the surviving files (after a shutdown, so that
+    // they are read from the store, not from the kernel's cache of a mount kept alive).
     let restarted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        d.shutdown();
         d.restart();
-        d.mount("fullvol", &mnt, false);
+        d.assert_mounts(&[(mnt.clone(), false)]);
     }));
     match restarted {
         Ok(()) => check(&kept, "after a restart", &mut problems),
@@ -1113,7 +1109,9 @@ fn mounting_again_through_another_path_to_the_same_directory_is_refused() {
     assert_eq!(fs::read(mnt.join("f")).unwrap(), b"x");
 }
 
-/// Start a daemon by hand, mount a volume, send `sig`: exit 0, socket and mount gone.
+/// Start a daemon by hand, mount a volume, send `sig`: exit 0, socket gone, the mount kept
+/// (for the next daemon, which resumes it); `volfs shutdown` then unmounts it and stops the
+/// daemon and the keeper.
 fn signal_stops_cleanly(sig: Signal) {
     let dir = open_tempdir();
     let mut d = OwnDaemon::start(dir.path());
@@ -1151,28 +1149,55 @@ fn signal_stops_cleanly(sig: Signal) {
         "the control socket is still there after {sig:?}"
     );
     assert!(
-        !in_proc_mounts(&mnt),
-        "{} is still in /proc/mounts after {sig:?}",
+        in_proc_mounts(&mnt),
+        "{} is no longer in /proc/mounts after {sig:?}: a stop for restart keeps the mounts",
         mnt.display()
     );
     assert!(!process_alive(pid));
-    // A new daemon on the same root sees the data.
+    // A new daemon on the same root resumes the mount and serves the data.
     let mut d2 = OwnDaemon::start(dir.path());
-    let o = d2.cli(&["mount", "sigvol", mnt.to_str().unwrap()]);
-    assert!(o.status.success(), "remount: {}", stderr_of(&o));
+    let t0 = Instant::now();
+    loop {
+        let o = d2.cli(&["ls"]);
+        let listed = String::from_utf8_lossy(&o.stdout).into_owned();
+        if listed.contains(mnt.to_str().unwrap()) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the new daemon does not list the resumed mount: {listed:?}; log:\n{}",
+            d2.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     d2.mounts.push(mnt.clone());
     assert_eq!(fs::read(mnt.join("f")).unwrap(), b"before the signal");
-    let st = d2.signal_and_wait(Signal::SIGTERM);
-    assert!(st.success(), "second daemon exit {st}");
+    let keeper = keeper_pid(&dir.path().join("root"));
+    let o = d2.cli(&["shutdown"]);
+    assert!(o.status.success(), "volfs shutdown: {}", stderr_of(&o));
+    let mut c = d2.child.take().expect("running");
+    let st = wait_timeout(&mut c, Duration::from_secs(30)).expect("exit after volfs shutdown");
+    assert!(st.success(), "second daemon exit {st} after volfs shutdown");
+    assert!(
+        !in_proc_mounts(&mnt),
+        "{} still in /proc/mounts after volfs shutdown",
+        mnt.display()
+    );
+    if let Some(k) = keeper {
+        assert!(
+            wait_pid_gone(k, Duration::from_secs(10)),
+            "keeper {k} alive after volfs shutdown"
+        );
+    }
 }
 
 #[test]
-fn control_socket_is_0600_and_sigterm_exits_0_removing_socket_and_mounts() {
+fn control_socket_is_0600_and_sigterm_exits_0_removing_socket_keeping_mounts() {
     signal_stops_cleanly(Signal::SIGTERM);
 }
 
 #[test]
-fn sigint_exits_0_removing_socket_and_mounts() {
+fn sigint_exits_0_removing_socket_keeping_mounts() {
     signal_stops_cleanly(Signal::SIGINT);
 }
 

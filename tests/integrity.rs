@@ -5,9 +5,12 @@
 //!   files), truncates up and down, hole punches (`fallocate(PUNCH_HOLE|KEEP_SIZE)`), `mmap`
 //!   (`MAP_SHARED`) writes with `msync`, mmap reads and `pread`s on a few files, every read
 //!   checked against an in-memory model (exact bytes and exact file size). The run is split
-//!   into phases; between phases the daemon is restarted, alternately with a clean SIGTERM
-//!   and with `kill -9` right after fsyncing every file, and every file is verified in full
-//!   against the model after each restart.
+//!   into phases; between phases the daemon is restarted in turn with a clean SIGTERM (files
+//!   closed; the mount stays), with `kill -9` of the daemon alone right after fsyncing every
+//!   file (the keeper keeps the mount: the files stay open and are used on through the new
+//!   daemon) and with `kill -9` of the daemon and its keeper right after fsyncing (the mount
+//!   dies; the next daemon mounts afresh), and every file is verified in full against the
+//!   model after each restart, with the kernel's cached pages dropped first.
 //! * [`fsx_exerciser`]: the classic fsx (the `fsx` crate, installed by `scripts/test`) against
 //!   a file on the mount.
 //!
@@ -607,30 +610,46 @@ fn random_ops_match_model_across_restarts() {
             }
         }
         run.verify_all(&format!("end of phase {phase}"));
-        let clean = phase % 2 == 0;
         let tr = Instant::now();
-        if clean {
-            run.ctx
-                .note("clean restart (close all, SIGTERM, start, mount)".into());
-            run.close();
-            tv.restart();
-        } else {
-            run.ctx
-                .note("fsync all files and dirs, kill -9, start, mount".into());
-            run.fsync_all(&mnt);
-            tv.kill_and_restart();
-            run.close();
-        }
-        run.open(&mnt, false);
-        run.verify_all(if clean {
-            "after clean restart"
-        } else {
-            "after kill -9 and restart (everything was fsynced)"
-        });
+        let how = match phase % 3 {
+            0 => {
+                run.ctx
+                    .note("clean restart (close all, SIGTERM, start; the mount stays)".into());
+                run.close();
+                tv.restart();
+                run.open(&mnt, false);
+                "clean"
+            }
+            1 => {
+                run.ctx.note(
+                    "fsync all files and dirs, kill -9 of the daemon, start (files kept open)"
+                        .into(),
+                );
+                run.fsync_all(&mnt);
+                tv.kill_and_restart();
+                "kill -9 of the daemon"
+            }
+            _ => {
+                run.ctx.note(
+                    "fsync all files and dirs, kill -9 of the daemon and keeper, start \
+                     (fresh mount)"
+                        .into(),
+                );
+                run.fsync_all(&mnt);
+                tv.kill_all_and_restart();
+                run.close();
+                run.open(&mnt, false);
+                "kill -9 of the daemon and keeper"
+            }
+        };
+        run.drop_page_cache();
+        run.verify_all(&format!(
+            "after a {how} and restart (everything was fsynced or closed)"
+        ));
         println!(
-            "integrity: phase {phase}: {ops} ops in {:.1?}, {} restart + verify in {:.1?}; sizes {:?}",
+            "integrity: phase {phase}: {ops} ops in {:.1?}, {how} restart + verify in {:.1?}; \
+             sizes {:?}",
             tp.elapsed() - tr.elapsed(),
-            if clean { "clean" } else { "kill -9" },
             tr.elapsed(),
             run.files.iter().map(|f| f.model.len()).collect::<Vec<_>>()
         );

@@ -1,11 +1,14 @@
 //! Persistence and mount-level behaviour through real volfs mounts: a whole tree (contents,
 //! modes, owners, times, xattrs, ACLs, symlinks, hard links, special files) survives a daemon
-//! restart; open-unlinked files are reclaimed; read-only mounts refuse every change with EROFS.
+//! restart (the mounts kept by the keeper, and mounted afresh after a shutdown); open-unlinked
+//! files stay usable across a restart and are reclaimed at their last close, or at the restart
+//! if their mount died; read-only mounts refuse every change with EROFS.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, symlink};
 use std::path::{Path, PathBuf};
@@ -215,6 +218,8 @@ fn check_contents(m: &Path, files: &[(PathBuf, Vec<u8>)]) {
 #[test]
 fn tree_survives_a_clean_restart_identically() {
     let mut tv = TestVolume::new();
+    // A mount whose daemon never comes back makes accesses wait: fail instead of hanging.
+    tv.daemon().set_watchdog(std::time::Duration::from_secs(90));
     let files = build_tree(tv.mnt());
     let before = snapshot(tv.mnt());
     assert!(before.len() >= 18, "tree too small: {:?}", before.keys());
@@ -235,13 +240,22 @@ fn tree_survives_a_clean_restart_identically() {
     assert_eq!(st(&tv.path("a/small")).st_nlink, 2);
 }
 
+/// A clean restart (the mount kept), then `volfs shutdown` and start (mounted afresh from the
+/// table: everything now comes from the store), then `volfs umount` and `volfs mount`.
 #[test]
 fn tree_survives_two_restarts_and_a_remount() {
     let mut tv = TestVolume::new();
+    // A mount whose daemon never comes back makes accesses wait: fail instead of hanging.
+    tv.daemon().set_watchdog(std::time::Duration::from_secs(90));
     let files = build_tree(tv.mnt());
     let before = snapshot(tv.mnt());
     tv.restart();
-    tv.restart();
+    tv.shutdown_and_restart();
+    assert_eq!(
+        snapshot(tv.mnt()),
+        before,
+        "tree after a restart and a shutdown and start"
+    );
     let mnt = tv.mnt().to_path_buf();
     tv.daemon().umount(&mnt);
     assert!(!is_mounted(&mnt), "still mounted after `volfs umount`");
@@ -296,8 +310,21 @@ fn closing_an_unlinked_file_frees_its_space() {
     }
 }
 
-fn open_unlinked_is_reclaimed(kill: bool) {
+/// How the daemon goes away in [`open_unlinked_across_a_restart`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Down {
+    /// SIGTERM: the mount stays.
+    Sigterm,
+    /// kill -9 of the daemon: the keeper keeps the mount.
+    Kill9,
+    /// kill -9 of the daemon and its keeper: the mount dies.
+    Kill9All,
+}
+
+fn open_unlinked_across_a_restart(down: Down) {
     let mut tv = TestVolume::new();
+    // A mount whose daemon never comes back makes accesses wait: fail instead of hanging.
+    tv.daemon().set_watchdog(std::time::Duration::from_secs(90));
     fs::create_dir(tv.path("d")).unwrap();
     write_file(&tv.path("d/keeper"), b"keep me");
     let (used0, inodes0) = used_bytes_and_inodes(tv.mnt());
@@ -308,45 +335,97 @@ fn open_unlinked_is_reclaimed(kill: bool) {
         .truncate(false)
         .open(tv.path("d/ghost"))
         .unwrap();
-    f.write_all(&pattern(8 * MIB, 43)).unwrap();
+    let mut want = pattern(8 * MIB, 43);
+    f.write_all(&want).unwrap();
     f.sync_all().unwrap();
     fs::remove_file(tv.path("d/ghost")).unwrap();
     f.write_all(b"still open").unwrap();
+    want.extend_from_slice(b"still open");
     f.sync_all().unwrap();
     let (used1, _) = used_bytes_and_inodes(tv.mnt());
     assert!(
         used1 >= used0 + 8 * MIB as u64,
         "used bytes {used0} -> {used1}"
     );
-    if kill {
-        tv.kill_and_restart();
-    } else {
-        tv.restart();
+    match down {
+        Down::Sigterm => tv.restart(),
+        Down::Kill9 => tv.kill_and_restart(),
+        Down::Kill9All => tv.kill_all_and_restart(),
     }
-    drop(f); // its mount is gone; closing must not disturb the new daemon
     assert_eq!(names(tv.mnt()), vec![OsString::from("d")]);
     assert_eq!(names(&tv.path("d")), vec![OsString::from("keeper")]);
     assert_eq!(fs::read(tv.path("d/keeper")).unwrap(), b"keep me");
     assert_errno!(nix::sys::stat::lstat(&tv.path("d/ghost")), ENOENT);
-    let (used2, inodes2) = used_bytes_and_inodes(tv.mnt());
-    assert!(
-        used2 <= used0,
-        "open-unlinked file not reclaimed after restart: used bytes {used0} before, {used2} after"
-    );
-    assert_eq!(inodes2, inodes0, "used inodes after restart");
+    if down == Down::Kill9All {
+        // Its mount died with the keeper: the file is closed for good, and the new daemon
+        // reclaimed it when it started.
+        drop(f); // closing must not disturb the new daemon
+        let (used2, inodes2) = used_bytes_and_inodes(tv.mnt());
+        assert!(
+            used2 <= used0,
+            "open-unlinked file of a dead mount not reclaimed after restart: used bytes \
+             {used0} before, {used2} after"
+        );
+        assert_eq!(inodes2, inodes0, "used inodes after restart");
+    } else {
+        // The mount lived on: the open file still works, with all its bytes (read from the
+        // new daemon, not the page cache), and is only reclaimed at its last close.
+        nix::fcntl::posix_fadvise(
+            f.as_raw_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        let mut got = vec![0u8; want.len()];
+        f.read_exact_at(&mut got, 0)
+            .unwrap_or_else(|e| panic!("{down:?}: reading the open-unlinked file: {e}"));
+        assert!(
+            got == want,
+            "{down:?}: the open-unlinked file's bytes differ after the restart"
+        );
+        f.write_all_at(b"and more", want.len() as u64)
+            .unwrap_or_else(|e| panic!("{down:?}: writing the open-unlinked file: {e}"));
+        f.sync_all().unwrap();
+        let (used2, _) = used_bytes_and_inodes(tv.mnt());
+        assert!(
+            used2 >= used0 + 8 * MIB as u64,
+            "{down:?}: the open-unlinked file was reclaimed while still open ({used0} -> {used2})"
+        );
+        drop(f);
+        // Release is asynchronous in FUSE: poll briefly.
+        let t0 = std::time::Instant::now();
+        loop {
+            let (used3, inodes3) = used_bytes_and_inodes(tv.mnt());
+            if used3 <= used0 && inodes3 == inodes0 {
+                break;
+            }
+            assert!(
+                t0.elapsed().as_secs() < 10,
+                "{down:?}: after the last close: used {used3} (was {used0}), inodes {inodes3} \
+                 (was {inodes0})"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
     // The name can be reused.
     write_file(&tv.path("d/ghost"), b"new");
     assert_eq!(fs::read(tv.path("d/ghost")).unwrap(), b"new");
 }
 
 #[test]
-fn open_unlinked_file_left_at_kill_is_reclaimed_after_restart() {
-    open_unlinked_is_reclaimed(true);
+fn open_unlinked_file_survives_a_kill9_restart_and_is_reclaimed_at_close() {
+    open_unlinked_across_a_restart(Down::Kill9);
 }
 
 #[test]
-fn open_unlinked_file_left_at_clean_stop_is_reclaimed_after_restart() {
-    open_unlinked_is_reclaimed(false);
+fn open_unlinked_file_survives_a_clean_restart_and_is_reclaimed_at_close() {
+    open_unlinked_across_a_restart(Down::Sigterm);
+}
+
+#[test]
+fn open_unlinked_file_of_a_dead_mount_is_reclaimed_at_restart() {
+    open_unlinked_across_a_restart(Down::Kill9All);
 }
 
 #[test]

@@ -16,3 +16,4 @@ mod posix_attrs;
 mod posix_concurrency;
 mod posix_namespace;
 mod posix_persist;
+mod restart;
