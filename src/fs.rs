@@ -145,8 +145,11 @@ impl MountState {
         *self.shard(ino).entry(ino).or_insert(0) += 1;
     }
 
-    /// True once the kernel holds no lookup of `ino` any more. False for an inode this
-    /// daemon never saw looked up (it cannot tell what else the kernel holds of it).
+    /// True once the kernel holds no lookup of `ino` any more, as far as this daemon saw.
+    /// An inode looked up only under an earlier daemon counts as forgotten at its first
+    /// FORGET: only orphans are reclaimed on that, and an orphan has no name left to be
+    /// looked up by, so its FORGET is the kernel's final one (sent at eviction, after the
+    /// last close).
     fn forgot(&self, ino: u64, n: u64) -> bool {
         let mut m = self.shard(ino);
         match m.get_mut(&ino) {
@@ -154,11 +157,10 @@ impl MountState {
                 *c -= n;
                 false
             }
-            Some(_) => {
+            _ => {
                 m.remove(&ino);
                 true
             }
-            None => false,
         }
     }
 

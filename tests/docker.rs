@@ -910,8 +910,11 @@ impl Docker {
             .collect()
     }
 
+    /// Volumes of this test's driver only: another volfs daemon on the machine (a user's
+    /// own, on the default plugin socket) is found by dockerd too.
     fn docker_names(&self) -> BTreeSet<String> {
-        self.docker_ok(&["volume", "ls", "-q"])
+        let only = format!("driver={}", self.driver);
+        self.docker_ok(&["volume", "ls", "-q", "--filter", &only])
             .lines()
             .map(str::to_string)
             .collect()
@@ -1093,7 +1096,15 @@ fn docker_volume_create_ls_inspect_rm_and_anonymous_volumes() {
         ]),
         "dv1\n"
     );
-    let ls = dk.docker_ok(&["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+    let only = format!("driver={}", dk.driver);
+    let ls = dk.docker_ok(&[
+        "volume",
+        "ls",
+        "--filter",
+        &only,
+        "--format",
+        "{{.Driver}} {{.Name}}",
+    ]);
     assert_eq!(ls, format!("{} dv1\n", dk.driver));
     let v = dk.inspect("dv1");
     let ours: Value = serde_json::from_str(&dk.volfs.cli_ok(&["inspect", "dv1"])).expect("JSON");
