@@ -145,7 +145,11 @@ impl MountState {
         *self.shard(ino).entry(ino).or_insert(0) += 1;
     }
 
-    /// True once the kernel holds no lookup of `ino` any more (as far as this daemon saw).
+    /// True once the kernel holds no lookup of `ino` any more, as far as this daemon saw.
+    /// An inode looked up only under an earlier daemon counts as forgotten at its first
+    /// FORGET: only orphans are reclaimed on that, and an orphan has no name left to be
+    /// looked up by, so its FORGET is the kernel's final one (sent at eviction, after the
+    /// last close).
     fn forgot(&self, ino: u64, n: u64) -> bool {
         let mut m = self.shard(ino);
         match m.get_mut(&ino) {
@@ -359,40 +363,41 @@ pub struct Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        self.peers.leave(self.state.id);
+        // Without a session handed to `unmount`'s waiter (which leaves when it ends).
+        if self.session.is_some() {
+            self.peers.leave(self.state.id);
+        }
     }
 }
 
 impl Mounted {
-    /// Unmounts; the session's threads end by themselves once the kernel ends the
-    /// connection. A busy mountpoint is detached lazily instead (its last user's close ends
-    /// the session), so the daemon never blocks on it.
+    /// Unmounts (a busy mountpoint lazily); never waits for the session. The session ends
+    /// once the kernel ends the connection, which waits for every other mount of it (a
+    /// bind in a container's namespace, the open files of a detached mount). Until then
+    /// it still serves, so it stays among the volume's peers.
     pub fn unmount(mut self, mountpoint: &Path) {
-        match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
-            Ok(()) => {
-                // The session ends when the kernel ends the connection, which waits for
-                // every other mount of it too (a bind mount in a container's namespace):
-                // waited for apart, so the caller (holding the mount table) never blocks.
-                if let Some(s) = self.session.take() {
-                    let path = mountpoint.to_path_buf();
-                    let waiter = std::thread::Builder::new()
-                        .name("session-end".into())
-                        .spawn(move || {
-                            if let Err(e) = s.join() {
-                                tracing::debug!("session of {} ended: {e}", path.display());
-                            }
-                        });
-                    if let Err(e) = waiter {
-                        tracing::warn!("starting a thread to wait for a session's end: {e}");
+        if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+            tracing::info!(
+                "{} is busy ({e}); detaching it lazily",
+                mountpoint.display()
+            );
+            detach(mountpoint);
+        }
+        if let Some(s) = self.session.take() {
+            let path = mountpoint.to_path_buf();
+            let peers = self.peers.clone();
+            let id = self.state.id;
+            let waiter = std::thread::Builder::new()
+                .name("session-end".into())
+                .spawn(move || {
+                    if let Err(e) = s.join() {
+                        tracing::debug!("session of {} ended: {e}", path.display());
                     }
-                }
-            }
-            Err(e) => {
-                tracing::info!(
-                    "{} is busy ({e}); detaching it lazily",
-                    mountpoint.display()
-                );
-                detach(mountpoint);
+                    peers.leave(id);
+                });
+            if let Err(e) = waiter {
+                tracing::warn!("starting a thread to wait for a session's end: {e}");
+                self.peers.leave(self.state.id);
             }
         }
     }
@@ -766,7 +771,7 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _pass = self.gate.enter();
+        // Not gated: FORGET has no answer, so the kernel would never resend it.
         // With one mount, a forgotten inode is held by no kernel: an orphan can go.
         if self.me.forgot(ino.0, nlookup) && !self.has_peers() {
             if let Err(e) = self.fs.forget(ino.0) {
@@ -1130,20 +1135,20 @@ impl<F: FileSystem> Filesystem for FuseAdapter<F> {
                         continue;
                     };
                     let name = OsStr::from_bytes(&e.name);
-                    // The kernel takes a lookup of every entry but "." and "..", even of
-                    // those that do not fit in the caller's buffer.
-                    if e.name != b"." && e.name != b".." {
-                        self.me.looked_up(e.ino);
-                    }
-                    if reply.add(
+                    let full = reply.add(
                         INodeNo(e.ino),
                         e.cookie,
                         name,
                         &ttl.ttl,
                         &file_attr(&a),
                         Generation(0),
-                    ) {
+                    );
+                    if full {
                         break;
+                    }
+                    // The kernel takes a lookup of every entry sent but "." and "..".
+                    if e.name != b"." && e.name != b".." {
+                        self.me.looked_up(e.ino);
                     }
                 }
                 reply.ok();

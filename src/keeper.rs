@@ -316,8 +316,8 @@ impl Keeper {
             *conn = Some(s);
             return Ok(true);
         }
-        let exe = std::env::current_exe().map_err(|e| format!("locating volfs-mountd: {e}"))?;
-        let mut child = std::process::Command::new(exe)
+        // /proc/self/exe still runs after an upgrade replaced (and so unlinked) the binary.
+        let mut child = std::process::Command::new("/proc/self/exe")
             .arg("--keeper")
             .arg("--root")
             .arg(&self.root)
@@ -358,8 +358,21 @@ impl Keeper {
         msg: &Msg,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<Vec<(HeldMount, OwnedFd)>, String> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let s = conn.as_ref().ok_or("not connected to the keeper")?;
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let r = Self::exchange(conn.as_ref(), msg, fd);
+        if r.is_err() {
+            // Half-read answers would be taken for the next call's: start afresh.
+            *conn = None;
+        }
+        r
+    }
+
+    fn exchange(
+        conn: Option<&OwnedFd>,
+        msg: &Msg,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Vec<(HeldMount, OwnedFd)>, String> {
+        let s = conn.ok_or("not connected to the keeper")?;
         send(s.as_fd(), msg, fd).map_err(|e| format!("talking to the keeper: {e}"))?;
         let mut items = Vec::new();
         loop {

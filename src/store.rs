@@ -125,7 +125,7 @@ impl Store {
             .open_tree("doomed")
             .map_err(|e| format!("cannot open tree doomed: {e}"))?;
         replay_intents(&fs, &intents)?;
-        let wal = Wal::open(&root.join("wal"), &fs, &db)?;
+        let wal = Wal::open(&root.join("wal"), &fs, &db, &dir.join("db"))?;
         let data = root.join("data");
         let chunks = ChunkStore::open_with(&data, segment_max)
             .map_err(|e| format!("cannot open the chunk segments in {}: {e}", data.display()))?;
@@ -338,6 +338,9 @@ impl Store {
     fn sync_inner(&self) -> FsResult<()> {
         // Every change logged in the old file is in sled by now; the flush below makes
         // them durable, after which the old log is not needed.
+        // One sync at a time: a later one finishing first must not delete a log whose
+        // changes an earlier, still running (or failing) one has not made durable.
+        let _one = self.wal.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let old_log = self.wal.rotate()?;
         self.chunks.sync().map_err(|e| {
             tracing::error!("fsync of chunk segments: {e}");
@@ -362,8 +365,8 @@ impl Store {
                 FsError::Io(e.to_string())
             }
         })?;
-        if let Some(p) = old_log {
-            let _ = std::fs::remove_file(p);
+        if let Some(g) = old_log {
+            self.wal.remove_up_to(g);
         }
         Ok(())
     }
@@ -497,6 +500,13 @@ impl Store {
     pub fn purge(&self, vol: u64) -> Result<u64, String> {
         let prefix = vol.to_be_bytes();
         let mut released = 0u64;
+        // Logged first, so that a replay of older logged changes of this volume cannot
+        // bring its keys back after the doomed mark is gone.
+        drop(
+            self.wal
+                .append(&[Op::DelRange(prefix.to_vec(), prefix_end(&prefix))])
+                .map_err(|e| format!("logging the purge of volume {vol}: {e}"))?,
+        );
         loop {
             let keys: Vec<sled::IVec> = self
                 .fs
@@ -549,6 +559,15 @@ struct Wal {
     cur: std::sync::RwLock<(u64, std::fs::File)>,
     /// Something was logged in the current file.
     dirty: std::sync::atomic::AtomicBool,
+    syncing: Mutex<()>,
+}
+
+/// This boot's id: a log written before a reboot or power loss is not replayed, since the
+/// segment data it points at may not have reached the disk (neither is fsynced).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().replace('-', ""))
+        .unwrap_or_default()
 }
 
 /// Keeps the log from rotating while a logged change is being applied.
@@ -556,7 +575,34 @@ struct WalGuard<'a>(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, (u64, std
 
 impl Wal {
     fn file_name(dir: &Path, generation: u64) -> std::path::PathBuf {
-        dir.join(format!("{generation:016x}.log"))
+        dir.join(format!("{generation:016x}-{}.log", boot_id()))
+    }
+
+    /// `(generation, boot id)` of the log files in `dir`.
+    fn files(dir: &Path) -> Vec<(u64, String, std::path::PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut v: Vec<(u64, String, std::path::PathBuf)> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e.file_name();
+                let n = n.to_str()?;
+                let (g, boot) = n.strip_suffix(".log")?.split_once('-')?;
+                Some((u64::from_str_radix(g, 16).ok()?, boot.to_string(), e.path()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Deletes every log file up to generation `g`, once their changes are durable.
+    fn remove_up_to(&self, g: u64) {
+        for (gen_, _, p) in Self::files(&self.dir) {
+            if gen_ <= g {
+                let _ = std::fs::remove_file(p);
+            }
+        }
     }
 
     fn create(dir: &Path, generation: u64) -> Result<std::fs::File, std::io::Error> {
@@ -566,28 +612,23 @@ impl Wal {
             .open(Self::file_name(dir, generation))
     }
 
-    /// Replays what earlier runs logged, makes it durable, and starts a new log.
-    fn open(dir: &Path, fs: &sled::Tree, db: &sled::Db) -> Result<Wal, String> {
+    /// Replays what earlier runs of this boot logged, makes it durable, and starts a new log.
+    fn open(dir: &Path, fs: &sled::Tree, db: &sled::Db, db_file: &Path) -> Result<Wal, String> {
         std::fs::create_dir_all(dir).map_err(|e| {
             format!(
                 "cannot create the change log directory {}: {e}",
                 dir.display()
             )
         })?;
-        let mut gens: Vec<u64> = std::fs::read_dir(dir)
-            .map_err(|e| format!("reading {}: {e}", dir.display()))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let n = e.file_name();
-                let n = n.to_str()?;
-                u64::from_str_radix(n.strip_suffix(".log")?, 16).ok()
-            })
-            .collect();
-        gens.sort_unstable();
+        let files = Self::files(dir);
+        let boot = boot_id();
         let mut replayed = 0usize;
-        for g in &gens {
-            let p = Self::file_name(dir, *g);
-            let bytes = std::fs::read(&p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+        for (_, b, p) in &files {
+            if *b != boot {
+                tracing::warn!(file = %p.display(), "ignoring a change log from before a reboot: the store is as of its last flush");
+                continue;
+            }
+            let bytes = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
             let mut rest = bytes.as_slice();
             while rest.len() >= 8 {
                 let len = be_u32(&rest[..4]) as usize;
@@ -609,21 +650,26 @@ impl Wal {
         if replayed > 0 {
             db.flush()
                 .map_err(|e| format!("flushing replayed changes: {e}"))?;
+            // sled's flush does not reach the device cache: fsync before the logs go.
+            std::fs::File::open(db_file)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("fsync of {}: {e}", db_file.display()))?;
             tracing::info!(
                 changes = replayed,
                 "replayed changes logged before the daemon stopped"
             );
         }
-        for g in &gens {
-            let _ = std::fs::remove_file(Self::file_name(dir, *g));
+        for (_, _, p) in &files {
+            let _ = std::fs::remove_file(p);
         }
-        let generation = gens.last().map_or(1, |g| g + 1);
+        let generation = files.last().map_or(1, |f| f.0 + 1);
         let f = Self::create(dir, generation)
             .map_err(|e| format!("creating the change log in {}: {e}", dir.display()))?;
         Ok(Wal {
             dir: dir.to_path_buf(),
             cur: std::sync::RwLock::new((generation, f)),
             dirty: std::sync::atomic::AtomicBool::new(false),
+            syncing: Mutex::new(()),
         })
     }
 
@@ -651,8 +697,9 @@ impl Wal {
         Ok(WalGuard(g))
     }
 
-    /// Starts a new log file if the current one holds anything; returns the old one's path.
-    fn rotate(&self) -> FsResult<Option<std::path::PathBuf>> {
+    /// Starts a new log file if the current one holds anything; returns the old one's
+    /// generation.
+    fn rotate(&self) -> FsResult<Option<u64>> {
         let mut w = self.cur.write().unwrap_or_else(|p| p.into_inner());
         if !self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
             return Ok(None);
@@ -662,7 +709,7 @@ impl Wal {
             tracing::error!("starting a new change log: {e}");
             FsError::Io(e.to_string())
         })?;
-        let old = Self::file_name(&self.dir, w.0);
+        let old = w.0;
         *w = (generation, f);
         Ok(Some(old))
     }

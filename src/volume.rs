@@ -1095,15 +1095,20 @@ impl Registry {
         } else {
             canonical.as_path()
         };
-        let entry = mounts.remove(key).ok_or_else(|| {
-            format!(
+        if !mounts.contains_key(key) {
+            return Err(format!(
                 "{} is not a volfs mountpoint (see `volfs ls`)",
                 path.display()
-            )
-        })?;
-        let _ = self.keeper.release(key);
+            ));
+        }
+        // The table first: if that fails, the mount stays as it was, managed.
         self.set_table(key, None)?;
-        entry.mounted.unmount(key);
+        let key = key.to_path_buf();
+        let Some(entry) = mounts.remove(&key) else {
+            return Ok(());
+        };
+        let _ = self.keeper.release(&key);
+        entry.mounted.unmount(&key);
         tracing::info!(volume = entry.volume, path = %path.display(), "unmounted");
         Ok(())
     }

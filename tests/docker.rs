@@ -860,11 +860,11 @@ impl Docker {
             .collect()
     }
 
-    /// Docker's volumes of our driver (`docker volume ls` asks every plugin in
-    /// /run/docker/plugins, a volfs serving the machine included).
+    /// Volumes of this test's driver only: another volfs daemon on the machine (a user's
+    /// own, on the default plugin socket) is found by dockerd too.
     fn docker_names(&self) -> BTreeSet<String> {
-        let filter = format!("driver={}", self.driver);
-        self.docker_ok(&["volume", "ls", "-q", "--filter", &filter])
+        let only = format!("driver={}", self.driver);
+        self.docker_ok(&["volume", "ls", "-q", "--filter", &only])
             .lines()
             .map(str::to_string)
             .collect()
@@ -1046,12 +1046,12 @@ fn docker_volume_create_ls_inspect_rm_and_anonymous_volumes() {
         ]),
         "dv1\n"
     );
-    let filter = format!("driver={}", dk.driver);
+    let only = format!("driver={}", dk.driver);
     let ls = dk.docker_ok(&[
         "volume",
         "ls",
         "--filter",
-        &filter,
+        &only,
         "--format",
         "{{.Driver}} {{.Name}}",
     ]);
