@@ -4,12 +4,14 @@
 //! protocol) over `volume` (registry of volumes and mounts), which drives `fs` (the FUSE
 //! adapter, the only user of fuser), which calls the `vfs` seam, implemented over `store`
 //! (the key layout) and `chunks` (segment files). `keeper` holds FUSE connections across
-//! daemon restarts; `import` fills a volume from a directory or tar.
+//! daemon restarts; `import` fills a volume from a directory or tar, `export` writes one out
+//! as a tar.
 //! Errors are `error::FsError`.
 
 pub mod api;
 pub mod chunks;
 pub mod error;
+pub mod export;
 pub mod fs;
 pub mod import;
 pub mod keeper;

@@ -135,6 +135,35 @@ pub fn inherit(default: &[u8], perm: u32) -> FsResult<(u32, Option<Vec<u8>>)> {
     Ok((new_perm, access))
 }
 
+/// An ACL in the long text form of `acl_to_text(3)` with numeric qualifiers, one entry a
+/// line, each ending in a newline (`user::rw-\nuser:1234:r--\ngroup::r--\nmask::r--\n
+/// other::r--\n`): what GNU tar `--acls` stores in `SCHILY.acl.access`/`.default`, and what
+/// GNU tar and libarchive read back. Entries stay in the value's (kernel) order.
+pub fn to_text(value: &[u8]) -> FsResult<String> {
+    let mut out = String::new();
+    for e in parse(value)? {
+        let (tag, qualifier) = match e.tag {
+            USER_OBJ => ("user", None),
+            USER => ("user", Some(e.id)),
+            GROUP_OBJ => ("group", None),
+            GROUP => ("group", Some(e.id)),
+            MASK => ("mask", None),
+            _ => ("other", None),
+        };
+        out.push_str(tag);
+        out.push(':');
+        if let Some(id) = qualifier {
+            out.push_str(&id.to_string());
+        }
+        out.push(':');
+        for (bit, c) in [(4, 'r'), (2, 'w'), (1, 'x')] {
+            out.push(if e.perm & bit != 0 { c } else { '-' });
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +217,22 @@ mod tests {
         let (perm, access) = inherit(&d, 0o644).expect("valid");
         assert_eq!(perm, 0o644);
         assert_eq!(validate(&access.expect("extended")), Ok((0o644, false)));
+    }
+
+    #[test]
+    fn text_form_is_gnu_tars_with_numeric_ids() {
+        let a = acl(&[
+            (USER_OBJ, 6, u32::MAX),
+            (USER, 5, 1234),
+            (GROUP_OBJ, 4, u32::MAX),
+            (GROUP, 7, 55),
+            (MASK, 7, u32::MAX),
+            (OTHER, 0, u32::MAX),
+        ]);
+        assert_eq!(
+            to_text(&a).expect("valid"),
+            "user::rw-\nuser:1234:r-x\ngroup::r--\ngroup:55:rwx\nmask::rwx\nother::---\n"
+        );
+        assert_eq!(to_text(b"junk"), Err(FsError::Invalid));
     }
 }

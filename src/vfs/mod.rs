@@ -5,7 +5,7 @@
 //! Permission checks on mode bits and ACLs are the kernel's (`default_permissions`); this
 //! layer enforces what the kernel cannot know: names, emptiness, link counts, sizes.
 
-mod acl;
+pub mod acl;
 mod sledfs;
 
 pub use sledfs::SledFs;
