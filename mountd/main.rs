@@ -224,6 +224,9 @@ fn serve(registry: &Registry, stream: UnixStream, sockets: &[PathBuf], plugin: O
                 tracing::info!("volfs-mountd shut down");
                 std::process::exit(0);
             }
+            Ok(api::Request::Export { name, snapshot }) => {
+                return serve_export(registry, &stream, &name, snapshot.as_deref());
+            }
             Ok(req) => {
                 tracing::debug!(?req, "control request");
                 registry.handle(req)
@@ -235,4 +238,57 @@ fn serve(registry: &Registry, stream: UnixStream, sockets: &[PathBuf], plugin: O
     let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     out.push(b'\n');
     let _ = (&stream).write_all(&out);
+}
+
+/// Answers an `export` request: the answer line, then the archive in frames and its
+/// status (see `volfs::api`).
+fn serve_export(registry: &Registry, stream: &UnixStream, name: &str, snapshot: Option<&str>) {
+    let source = match registry.export_source(name, snapshot) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(volume = name, "export refused: {e}");
+            let mut out = serde_json::to_vec(&Response::err(e)).unwrap_or_default();
+            out.push(b'\n');
+            let _ = (&*stream).write_all(&out);
+            return;
+        }
+    };
+    if (&*stream).write_all(b"{\"ok\":true}\n").is_err() {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let mut frames = api::FrameWriter::new(stream);
+    let result = volfs::export::export(&*source.fs, &mut frames, &mut |_| {});
+    let status = match &result {
+        Ok(stats) => {
+            tracing::info!(
+                volume = name,
+                snapshot,
+                files = stats.files,
+                dirs = stats.dirs,
+                symlinks = stats.symlinks,
+                hardlinks = stats.hardlinks,
+                others = stats.others,
+                skipped_sockets = stats.skipped,
+                data_bytes = stats.bytes,
+                archive_bytes = stats.archive_bytes,
+                secs = t0.elapsed().as_secs_f64(),
+                "exported"
+            );
+            Response::ok()
+        }
+        Err(e) => {
+            tracing::warn!(volume = name, snapshot, "export failed: {e}");
+            Response::err(e.clone())
+        }
+    };
+    if let Err(e) = frames.finish(&status) {
+        if result.is_ok() {
+            tracing::warn!(
+                volume = name,
+                "export: the client went away at the end: {e}"
+            );
+        }
+    }
+    drop(source);
 }

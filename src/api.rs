@@ -21,6 +21,7 @@
 //! | `{"op":"version"}` | `version` |
 //! | `{"op":"info"}` | `info` |
 //! | `{"op":"shutdown"}` | none, once every mount is unmounted; the daemon then exits |
+//! | `{"op":"export","name":"data","snapshot":null}` | none, then the archive as a stream (below) |
 //!
 //! Requests in detail:
 //! - `create`: `name` may be left out for an anonymous volume (a random 64-hex-digit name).
@@ -37,6 +38,15 @@
 //! - `prune`: removes unmounted anonymous volumes, or with `all` every unmounted volume.
 //! - `mount`: the directory must exist; a volume created `readonly=true` is mounted
 //!   read-only whatever `read_only` says. `mount` and `umount` answer `{"ok":true}`.
+//! - `export`: the volume as a pax tar archive (`crate::export`); `snapshot` (default null)
+//!   names a snapshot of it instead (refused for now: "snapshots are not supported yet").
+//!   The only streaming request: a failure before the first byte is an ordinary answer
+//!   line; `{"ok":true}` is followed by the archive in frames, each a 4-byte big-endian
+//!   length (1 to [`EXPORT_FRAME_MAX`]) and that many bytes, then a frame of length 0, then
+//!   one more answer line: `{"ok":true}` if the archive is complete, or `{"ok":false,
+//!   "error":…}` saying what failed (the bytes sent are then a truncated archive). A
+//!   connection that ends before that last line is an export that failed in the daemon
+//!   (see its log). The compression `volfs export --compress` offers is the CLI's.
 //!
 //! Limits: at most [`MAX_ENTRIES`] labels, options or filters; label keys up to 255 bytes,
 //! label and option values up to 4096; no control characters in labels; paths up to
@@ -66,7 +76,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -83,6 +93,8 @@ pub const PROTOCOL: u32 = 1;
 pub const MAX_PATH: usize = 4096;
 /// Most labels, options or filters in one request.
 pub const MAX_ENTRIES: usize = 64;
+/// Largest frame of an export stream.
+pub const EXPORT_FRAME_MAX: usize = 1 << 20;
 
 /// A request from the CLI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +139,12 @@ pub enum Request {
     Info,
     /// Unmount everything, stop the keeper and exit (the mount table is kept).
     Shutdown,
+    /// The volume (or one of its snapshots) as a tar archive, streamed after the answer.
+    Export {
+        name: String,
+        #[serde(default)]
+        snapshot: Option<String>,
+    },
 }
 
 impl Request {
@@ -138,6 +156,8 @@ impl Request {
                 Duration::from_secs(24 * 3600)
             }
             Request::Rm { .. } | Request::Prune { .. } => Duration::from_secs(3600),
+            // Per frame: the daemon sends one as soon as it has read a frame's worth.
+            Request::Export { .. } => Duration::from_secs(600),
             _ => Duration::from_secs(120),
         }
     }
@@ -385,9 +405,8 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
     Ok(req)
 }
 
-/// Sends one request to the daemon and waits for its answer.
-pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
-    let stream = UnixStream::connect(socket).map_err(|e| match e.raw_os_error() {
+fn connect(socket: &Path) -> Result<UnixStream, String> {
+    UnixStream::connect(socket).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => format!(
             "volfs-mountd is not running (nothing answers on {}). Start it with \
              `volfs-mountd --root /var/lib/volfs &` (or `scripts/up`), or point \
@@ -403,14 +422,24 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
             "cannot connect to volfs-mountd at {}: {e}",
             socket.display()
         ),
-    })?;
+    })
+}
+
+/// Sends `req` on a new connection and reads the answer line.
+fn request(socket: &Path, req: &Request) -> Result<(Response, BufReader<UnixStream>), String> {
+    let stream = connect(socket)?;
     let _ = stream.set_read_timeout(Some(req.timeout()));
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
     (&stream)
         .write_all(&line)
         .map_err(|e| format!("sending the request to volfs-mountd: {e}"))?;
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(stream);
+    let response = read_response(&mut reader)?;
+    Ok((response, reader))
+}
+
+fn read_response(reader: &mut impl BufRead) -> Result<Response, String> {
     let mut answer = String::new();
     reader
         .read_line(&mut answer)
@@ -419,6 +448,146 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
         return Err("volfs-mountd closed the connection without answering (see its log)".into());
     }
     serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from volfs-mountd: {e}"))
+}
+
+/// Sends one request to the daemon and waits for its answer.
+pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
+    request(socket, req).map(|(r, _)| r)
+}
+
+/// An export the daemon accepted: the archive follows.
+pub struct ExportStream {
+    reader: BufReader<UnixStream>,
+}
+
+/// Sends an `export` request; the daemon's refusal is the error.
+pub fn start_export(socket: &Path, req: &Request) -> Result<ExportStream, String> {
+    let (response, reader) = request(socket, req)?;
+    if !response.ok {
+        return Err(response
+            .error
+            .unwrap_or_else(|| "volfs-mountd refused the export".into()));
+    }
+    Ok(ExportStream { reader })
+}
+
+/// Why copying an export stream stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// The daemon failed, or the connection broke: the archive is incomplete.
+    Daemon(String),
+    /// Writing to `out` failed.
+    Output(std::io::ErrorKind, String),
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamError::Daemon(e) | StreamError::Output(_, e) => f.write_str(e),
+        }
+    }
+}
+
+impl ExportStream {
+    /// Copies the archive to `out` until the daemon says it is complete, calling `progress`
+    /// with the bytes copied so far; returns their count.
+    pub fn copy_to(
+        mut self,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64, StreamError> {
+        let early = |e: std::io::Error| {
+            StreamError::Daemon(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "export failed on the daemon side: the archive stopped short (see volfs-mountd's log)"
+                    .to_string()
+            } else {
+                format!("export failed: reading from volfs-mountd: {e}")
+            })
+        };
+        let mut buf = vec![0u8; EXPORT_FRAME_MAX];
+        let mut total = 0u64;
+        loop {
+            let mut len = [0u8; 4];
+            self.reader.read_exact(&mut len).map_err(early)?;
+            let len = u32::from_be_bytes(len) as usize;
+            if len == 0 {
+                break;
+            }
+            if len > EXPORT_FRAME_MAX {
+                return Err(StreamError::Daemon(format!(
+                    "export failed: volfs-mountd sent a frame of {len} bytes (at most \
+                     {EXPORT_FRAME_MAX}); is it another version?"
+                )));
+            }
+            self.reader.read_exact(&mut buf[..len]).map_err(early)?;
+            out.write_all(&buf[..len])
+                .map_err(|e| StreamError::Output(e.kind(), format!("writing the archive: {e}")))?;
+            total += len as u64;
+            progress(total);
+        }
+        let end = read_response(&mut self.reader)
+            .map_err(|e| StreamError::Daemon(format!("export failed on the daemon side: {e}")))?;
+        if !end.ok {
+            return Err(StreamError::Daemon(format!(
+                "export failed on the daemon side: {}",
+                end.error
+                    .unwrap_or_else(|| "no reason given (see its log)".into())
+            )));
+        }
+        Ok(total)
+    }
+}
+
+/// The daemon's side of an export stream: bytes written are sent in frames of up to
+/// [`EXPORT_FRAME_MAX`] bytes; [`FrameWriter::finish`] ends the stream with its status.
+pub struct FrameWriter<W: Write> {
+    out: W,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> FrameWriter<W> {
+    pub fn new(out: W) -> FrameWriter<W> {
+        FrameWriter {
+            out,
+            buf: Vec::with_capacity(EXPORT_FRAME_MAX),
+        }
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.out.write_all(&(self.buf.len() as u32).to_be_bytes())?;
+        self.out.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Sends what is buffered, the end frame and `status` as the last answer line.
+    pub fn finish(mut self, status: &Response) -> std::io::Result<()> {
+        self.send()?;
+        self.out.write_all(&0u32.to_be_bytes())?;
+        let mut line = serde_json::to_vec(status).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        line.push(b'\n');
+        self.out.write_all(&line)?;
+        self.out.flush()
+    }
+}
+
+impl<W: Write> Write for FrameWriter<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(EXPORT_FRAME_MAX - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == EXPORT_FRAME_MAX {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()?;
+        self.out.flush()
+    }
 }
 
 #[cfg(test)]
@@ -455,11 +624,22 @@ mod tests {
             Request::Df,
             Request::Version,
             Request::Info,
+            Request::Export {
+                name: "data".into(),
+                snapshot: Some("s1".into()),
+            },
         ];
         for r in reqs {
             let line = serde_json::to_vec(&r).expect("serializable");
             assert_eq!(decode_request(&line), Ok(r));
         }
+        assert_eq!(
+            decode_request(br#"{"op":"export","name":"data"}"#),
+            Ok(Request::Export {
+                name: "data".into(),
+                snapshot: None
+            })
+        );
         assert_eq!(
             decode_request(br#"{"op":"ls"}"#),
             Ok(Request::Ls {
@@ -572,5 +752,58 @@ mod tests {
             assert!(e.contains(says), "{bad}: {e}");
         }
         assert!(LsFilters::parse(&["dangling=true", "dangling=false"]).is_err());
+    }
+
+    #[test]
+    fn export_frames_carry_the_bytes_then_the_status() {
+        let mut wire = Vec::new();
+        let mut w = FrameWriter::new(&mut wire);
+        let data: Vec<u8> = (0..EXPORT_FRAME_MAX * 2 + 10).map(|i| i as u8).collect();
+        w.write_all(&data[..7]).expect("write");
+        w.flush().expect("flush");
+        w.write_all(&data[7..]).expect("write");
+        w.finish(&Response::ok()).expect("finish");
+        assert_eq!(&wire[..4], &7u32.to_be_bytes());
+        assert!(wire.ends_with(b"\0\0\0\0{\"ok\":true}\n"));
+
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let writer = std::thread::spawn(move || {
+            (&b).write_all(&wire).expect("send");
+        });
+        let stream = ExportStream {
+            reader: BufReader::new(a),
+        };
+        let mut out = Vec::new();
+        let mut seen = 0;
+        let n = stream.copy_to(&mut out, &mut |t| seen = t).expect("copy");
+        writer.join().expect("writer");
+        assert_eq!((n, seen), (data.len() as u64, data.len() as u64));
+        assert!(out == data);
+
+        // A failure after some bytes, and a connection cut short.
+        let mut wire = Vec::new();
+        let mut w = FrameWriter::new(&mut wire);
+        w.write_all(b"abc").expect("write");
+        w.finish(&Response::err("exporting ./x: reading its data: I/O error"))
+            .expect("finish");
+        let cut = wire[..5].to_vec();
+        for (bytes, says) in [
+            (
+                wire,
+                "export failed on the daemon side: exporting ./x: reading its data",
+            ),
+            (cut, "the archive stopped short"),
+        ] {
+            let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+            (&b).write_all(&bytes).expect("send");
+            drop(b);
+            let e = ExportStream {
+                reader: BufReader::new(a),
+            }
+            .copy_to(&mut Vec::new(), &mut |_| {})
+            .expect_err("must fail");
+            assert!(matches!(e, StreamError::Daemon(_)), "{e:?}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
     }
 }

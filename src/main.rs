@@ -6,7 +6,9 @@
 //! with `a` and reports `no such volume: missing`.
 
 use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -100,6 +102,25 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Write a volume out as a tar archive (POSIX pax, as GNU tar and bsdtar read it), to
+    /// stdout or FILE. `volfs create NAME -o from=FILE` makes a volume of it again.
+    Export {
+        /// The volume, or VOL@SNAPSHOT for one of its snapshots.
+        #[arg(value_name = "VOL[@SNAP]")]
+        volume: String,
+        /// Write to FILE (created or truncated; removed if the export fails).
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Compress the archive.
+        #[arg(long, value_enum)]
+        compress: Option<Compress>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Compress {
+    Zstd,
+    Gzip,
 }
 
 fn main() {
@@ -270,6 +291,234 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             other => return Err(unexpected(other)),
         },
+        Cmd::Export {
+            volume,
+            output,
+            compress,
+        } => export(socket, &volume, output, compress)?,
+    }
+    Ok(())
+}
+
+/// Where an export goes.
+enum Output {
+    File(std::fs::File),
+    Stdout(std::io::Stdout),
+}
+
+impl Write for Output {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Output::File(f) => f.write(b),
+            Output::Stdout(s) => s.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Output::File(f) => f.flush(),
+            Output::Stdout(s) => s.flush(),
+        }
+    }
+}
+
+/// The archive on its way out, compressed or not.
+enum Encoder<W: Write> {
+    Plain(W),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Gzip(flate2::write::GzEncoder<W>),
+}
+
+impl<W: Write> Encoder<W> {
+    fn new(out: W, compress: Option<Compress>) -> std::io::Result<Encoder<W>> {
+        Ok(match compress {
+            None => Encoder::Plain(out),
+            Some(Compress::Zstd) => Encoder::Zstd(zstd::stream::write::Encoder::new(out, 3)?),
+            // No name and a zero mtime in the gzip header: the same archive compresses to the
+            // same bytes.
+            Some(Compress::Gzip) => Encoder::Gzip(flate2::write::GzEncoder::new(
+                out,
+                flate2::Compression::default(),
+            )),
+        })
+    }
+
+    fn finish(self) -> std::io::Result<W> {
+        match self {
+            Encoder::Plain(w) => Ok(w),
+            Encoder::Zstd(z) => z.finish(),
+            Encoder::Gzip(g) => g.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Encoder::Plain(w) => w.write(b),
+            Encoder::Zstd(z) => z.write(b),
+            Encoder::Gzip(g) => g.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Encoder::Plain(w) => w.flush(),
+            Encoder::Zstd(z) => z.flush(),
+            Encoder::Gzip(g) => g.flush(),
+        }
+    }
+}
+
+/// A progress line on stderr, redrawn at most five times a second.
+struct Progress {
+    what: String,
+    t0: Instant,
+    last: Option<Instant>,
+}
+
+impl Progress {
+    fn show(&mut self, bytes: u64, done: bool) {
+        let now = Instant::now();
+        if !done
+            && self
+                .last
+                .is_some_and(|l| now - l < Duration::from_millis(200))
+        {
+            return;
+        }
+        self.last = Some(now);
+        let secs = self.t0.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            format!(", {}/s", human_size((bytes as f64 / secs) as u64))
+        } else {
+            String::new()
+        };
+        let verb = if done { "exported" } else { "exporting" };
+        eprint!(
+            "\r\x1b[K{verb} {}: {}{rate}{}",
+            self.what,
+            human_size(bytes),
+            if done { "\n" } else { "" }
+        );
+    }
+}
+
+/// `volfs export VOL[@SNAP] [-o FILE] [--compress zstd|gzip]`.
+fn export(
+    socket: &std::path::Path,
+    volume: &str,
+    output: Option<PathBuf>,
+    compress: Option<Compress>,
+) -> Result<(), String> {
+    let (name, snapshot) = match volume.split_once('@') {
+        Some((n, s)) => (n.to_string(), Some(s.to_string())),
+        None => (volume.to_string(), None),
+    };
+    if output.is_none() && std::io::stdout().is_terminal() {
+        return Err(format!(
+            "refusing to write a tar archive to a terminal: give -o FILE or redirect stdout \
+             (volfs export {volume} > {name}.tar)"
+        ));
+    }
+    // The file is opened before the daemon is asked, so that a path that cannot be written
+    // fails first, but only truncated once the daemon has accepted.
+    let opened = match &output {
+        Some(p) => Some(open_output(p)?),
+        None => None,
+    };
+    let started = api::start_export(socket, &Request::Export { name, snapshot });
+    let stream = match started {
+        Ok(s) => s,
+        Err(e) => {
+            if let (Some(p), Some((_, true))) = (&output, &opened) {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+    };
+    let (out, remove_on_failure) = match (opened, &output) {
+        (Some((f, _)), Some(p)) => {
+            // Only a regular file is truncated and removed on failure (not /dev/null, a
+            // FIFO…).
+            let regular = f.metadata().is_ok_and(|m| m.is_file());
+            if regular {
+                f.set_len(0)
+                    .map_err(|e| format!("cannot truncate {}: {e}", p.display()))?;
+            }
+            (Output::File(f), regular.then(|| p.clone()))
+        }
+        _ => (Output::Stdout(std::io::stdout()), None),
+    };
+    let result = copy_export(stream, out, compress, volume);
+    if let (Err(_), Some(p)) = (&result, &remove_on_failure) {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+/// Opens `path` for writing without truncating it; true if this created it.
+fn open_output(path: &std::path::Path) -> Result<(std::fs::File, bool), String> {
+    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map(|f| (f, false))
+            .map_err(fail),
+        Err(e) => Err(fail(e)),
+    }
+}
+
+fn copy_export(
+    stream: api::ExportStream,
+    out: Output,
+    compress: Option<Compress>,
+    volume: &str,
+) -> Result<(), String> {
+    let writing = |e: std::io::Error| format!("writing the archive: {e}");
+    let mut enc =
+        Encoder::new(std::io::BufWriter::with_capacity(1 << 20, out), compress).map_err(writing)?;
+    let mut progress = std::io::stderr().is_terminal().then(|| Progress {
+        what: volume.to_string(),
+        t0: Instant::now(),
+        last: None,
+    });
+    let copied = stream.copy_to(&mut enc, &mut |n| {
+        if let Some(p) = progress.as_mut() {
+            p.show(n, false);
+        }
+    });
+    let total = match copied {
+        Ok(n) => n,
+        Err(e) => {
+            if progress.is_some() {
+                eprintln!();
+            }
+            return Err(e.to_string());
+        }
+    };
+    let out = enc
+        .finish()
+        .map_err(writing)?
+        .into_inner()
+        .map_err(|e| writing(e.into_error()))?;
+    match out {
+        Output::File(f) => {
+            // A backup is only made once it is on disk; a FIFO or device cannot be synced.
+            if f.metadata().is_ok_and(|m| m.is_file()) {
+                f.sync_all().map_err(writing)?;
+            }
+        }
+        Output::Stdout(mut s) => s.flush().map_err(writing)?,
+    }
+    if let Some(p) = progress.as_mut() {
+        p.show(total, true);
     }
     Ok(())
 }

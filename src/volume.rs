@@ -34,6 +34,15 @@ struct MountEntry {
 /// A volume in use: its filesystem and its live mounts, shared by all of them.
 type OpenVolume = (Arc<SledFs>, Arc<fs::Peers>);
 
+/// What an export reads (see [`Registry::export_source`]).
+pub struct ExportSource {
+    /// The tree to write out, read as root.
+    pub fs: Arc<dyn FileSystem>,
+    /// Kept until the export ends, then dropped (a temporary snapshot can release itself
+    /// on drop); `None` for a live volume.
+    pub hold: Option<Box<dyn Send>>,
+}
+
 /// Everything the daemon serves.
 ///
 /// Restart guarantee: the mount table (store tree `mounts`) lists what should be mounted;
@@ -532,8 +541,9 @@ impl Registry {
                 protocol: api::PROTOCOL,
             }))),
             Request::Info => self.daemon_info().map(|i| Some(Reply::Info(i))),
-            // The daemon's control loop does this itself: it must exit afterwards.
+            // The daemon's control loop does these itself: it must exit afterwards, or stream.
             Request::Shutdown => Err("shutdown is handled by the daemon's control loop".into()),
+            Request::Export { .. } => Err("export is streamed by the daemon's control loop".into()),
         };
         match r {
             Ok(Some(reply)) => Response::reply(reply),
@@ -983,6 +993,31 @@ impl Registry {
         let v = (fs, Arc::new(fs::Peers::default()));
         open.insert(rec.id, v.clone());
         Ok(v)
+    }
+
+    /// The tree `volfs export NAME[@SNAPSHOT]` writes out: for no snapshot, the live
+    /// volume, through the one [`SledFs`] the registry keeps for it (the mounts' own, if it
+    /// is mounted; opened and kept like a mount would, if not). A live volume may change
+    /// while it is read. Snapshots are refused until they exist.
+    pub fn export_source(
+        &self,
+        name: &str,
+        snapshot: Option<&str>,
+    ) -> Result<ExportSource, String> {
+        validate_name(name)?;
+        // Held like `mount` holds it, so that an `rm` cannot interleave with opening the
+        // volume (and leave a removed volume open).
+        let _mounts = lock(&self.mounts);
+        if self.record(name)?.is_none() {
+            return Err(Self::no_such_volume(name));
+        }
+        if let Some(snap) = snapshot {
+            return Err(format!(
+                "cannot export {name}@{snap}: snapshots are not supported yet"
+            ));
+        }
+        let (fs, _) = self.volume_fs(name, false)?;
+        Ok(ExportSource { fs, hold: None })
     }
 
     /// Mounts a volume at an existing directory and records it in the mount table.
