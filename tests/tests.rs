@@ -1,12 +1,14 @@
 //! The one integration-test binary (Cargo.toml has `autotests = false`): every test file is a
 //! module of it. Tests need root, /dev/fuse, the `acl` package (setfacl/getfacl), and for `docker`
-//! Debian's `docker.io` and `busybox-static`.
+//! Debian's `docker.io` and `busybox-static`,
+//! for `export` GNU tar, bsdtar (`libarchive-tools`), `zstd` and `gzip`.
 #![allow(clippy::unwrap_used)]
 
 #[macro_use]
 mod util;
 mod docker;
 mod durability;
+mod export;
 mod faults;
 mod integrity;
 mod lifecycle;
