@@ -99,7 +99,7 @@ pub fn export<F: FileSystem + ?Sized>(
         },
         stats: ExportStats::default(),
         links: HashMap::new(),
-        buf: vec![0u8; READ_MAX],
+        zeros: vec![0u8; READ_MAX],
     };
     ex.run()?;
     ex.out.write(&[0u8; 2 * BLOCK])?;
@@ -153,7 +153,8 @@ struct Exporter<'a, F: FileSystem + ?Sized> {
     out: Sink<'a>,
     stats: ExportStats,
     links: HashMap<Ino, FirstName>,
-    buf: Vec<u8>,
+    /// Zeros standing in for data that could no longer be read.
+    zeros: Vec<u8>,
 }
 
 /// A path for messages: lossy UTF-8 with control characters escaped.
@@ -338,35 +339,29 @@ impl<F: FileSystem + ?Sized> Exporter<'_, F> {
         let mut short = false;
         while done < len {
             let want = (len - done).min(READ_MAX as u64) as usize;
-            let got = if short {
-                0
+            let data = if short {
+                Vec::new()
             } else {
                 match self.fs.read(ino, offset + done, want as u32) {
-                    Ok(data) => {
-                        let n = data.len().min(want);
-                        self.buf[..n].copy_from_slice(&data[..n]);
-                        n
+                    Ok(mut data) => {
+                        data.truncate(want);
+                        data
                     }
-                    Err(FsError::NotFound) => 0,
+                    Err(FsError::NotFound) => Vec::new(),
                     Err(e) => return Err(fail(path, "reading its data", e)),
                 }
             };
-            if got < want {
+            self.out.write(&data)?;
+            if data.len() < want {
                 if !short {
                     tracing::warn!(
                         "export: {} shrank or vanished while it was read; the rest is written as zeros",
                         show(path)
                     );
+                    short = true;
                 }
-                short = true;
-                self.buf[got..want].fill(0);
+                self.out.write(&self.zeros[..want - data.len()])?;
             }
-            let chunk = &self.buf[..want];
-            self.out
-                .out
-                .write_all(chunk)
-                .map_err(|e| format!("writing the archive: {e}"))?;
-            self.out.written += want as u64;
             done += want as u64;
             (self.out.progress)(self.out.written);
         }
