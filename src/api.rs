@@ -1,6 +1,7 @@
 //! The control protocol between `volfs` and `volfs-mountd` ("the documented JSON
 //! protocol"): one JSON request and one JSON response per connection, each a single line,
-//! over a unix socket (mode 0600, or 0660 for the group given by `--socket-group`).
+//! over a unix socket (mode 0600, or 0660 for the group given by `--socket-group`); only
+//! `export` sends more after its answer (the archive, then a status line: see below).
 //!
 //! Every request is an object whose `op` names it; fields not listed are refused, as is a
 //! line over [`MAX_REQUEST`] bytes. Every response has `ok`; a failure carries `error` (what

@@ -454,6 +454,40 @@ fn export_errors_name_what_failed_and_leave_no_file() {
     assert!(out.exists());
 }
 
+/// Runs `volfs --socket … ARGS` under `script`, so that its stdout and stderr are a terminal;
+/// returns its exit code and what it printed.
+fn volfs_on_a_terminal(d: &Daemon, args: &str) -> (Option<i32>, String) {
+    let cmd = format!(
+        "{} --socket {} {args}",
+        crate::util::VOLFS,
+        d.socket().display()
+    );
+    let o = run(&["script", "-qec", &cmd, "/dev/null"]);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn export_refuses_a_terminal_as_output_and_shows_progress_on_one() {
+    let v = TestVolume::new();
+    let d = v.daemon();
+    fs::write(v.path("f"), pattern(3 * MIB as usize, 4)).unwrap();
+    let (code, said) = volfs_on_a_terminal(d, &format!("export {VOLUME}"));
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("refusing to write a tar archive to a terminal") && said.contains("-o FILE"),
+        "{said}"
+    );
+    let dir = open_tempdir();
+    let out = dir.path().join("a.tar");
+    let (code, said) = volfs_on_a_terminal(d, &format!("export {VOLUME} -o {}", out.display()));
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains(&format!("exported {VOLUME}: 3")), "{said}");
+    assert!(fs::metadata(&out).unwrap().len() > 3 * MIB);
+}
+
 #[test]
 fn export_of_a_mounted_volume_leaves_its_open_unlinked_files_alone() {
     let v = TestVolume::new();
