@@ -500,6 +500,217 @@ impl Store {
     }
 }
 
+/// What [`Store::replace_content`] or [`Store::copy_content`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replaced {
+    /// Keys written or deleted.
+    pub keys: u64,
+    /// Chunk bytes copied.
+    pub bytes: u64,
+}
+
+type KvIter<'a> =
+    std::iter::Peekable<Box<dyn Iterator<Item = sled::Result<(IVec, IVec)>> + Send + 'a>>;
+
+/// The next item of a range, its key mapped by `f`, without consuming it.
+fn peek_kv(
+    it: &mut KvIter<'_>,
+    f: impl Fn(&[u8]) -> Vec<u8>,
+) -> Result<Option<(Vec<u8>, IVec)>, String> {
+    match it.peek() {
+        None => Ok(None),
+        Some(Ok((k, v))) => Ok(Some((f(k), v.clone()))),
+        Some(Err(_)) => match it.next() {
+            Some(Err(e)) => Err(format!("comparing volume contents: {e}")),
+            _ => Ok(None),
+        },
+    }
+}
+
+/// The content keys of `vol` (every tag but the snapshot machinery's): `[start, end)`.
+fn content_range(vol: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut start = vol.to_be_bytes().to_vec();
+    start.push(b'a');
+    (start, store::prefix_end(&vol.to_be_bytes()))
+}
+
+impl Store {
+    /// Makes the live content of `vol` equal to that of `src` (a volume, live or in
+    /// snapshot `src_at`), in one atomic commit that keeps `vol`'s own snapshots intact.
+    /// Changed chunks are copied (a chunk version has one owner). Writers of `vol` wait
+    /// until it is done; the caller refreshes what caches the old content.
+    pub fn replace_content(
+        &self,
+        vol: u64,
+        src: u64,
+        src_at: Option<u64>,
+    ) -> Result<Replaced, String> {
+        let lock = self.snaps.lock_of(vol);
+        let _g = lock.write().unwrap_or_else(|p| p.into_inner());
+        let (s0, s1) = content_range(src);
+        let (d0, d1) = content_range(vol);
+        let mut want: KvIter<'_> = self.range_at(src, src_at, s0, s1).peekable();
+        let mut have: KvIter<'_> = self.range_at(vol, None, d0, d1).peekable();
+        let mut ops = Vec::new();
+        let mut released = Vec::new();
+        let mut copies: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut copy_keys = Vec::new();
+        let mut stats = Replaced::default();
+        loop {
+            let w = peek_kv(&mut want, |k| store::rekey(vol, k))?;
+            let h = peek_kv(&mut have, <[u8]>::to_vec)?;
+            let (wk, hk) = (w.as_ref().map(|x| &x.0), h.as_ref().map(|x| &x.0));
+            let order = match (wk, hk) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(a), Some(b)) => a.cmp(b),
+            };
+            match order {
+                std::cmp::Ordering::Greater => {
+                    let (k, v) = h.unwrap_or_default();
+                    have.next();
+                    if let Some(p) = store::chunk_value(&k, &v) {
+                        released.push(p);
+                    }
+                    ops.push(Op::Del(k));
+                }
+                o => {
+                    let (k, v) = w.unwrap_or_default();
+                    want.next();
+                    if o == std::cmp::Ordering::Equal {
+                        let (_, hv) = h.unwrap_or_default();
+                        have.next();
+                        if hv == v && (src == vol || store::chunk_value(&k, &v).is_none()) {
+                            continue;
+                        }
+                        if let Some(p) = store::chunk_value(&k, &hv) {
+                            released.push(p);
+                        }
+                    }
+                    if let Some(p) = store::chunk_value(&k, &v) {
+                        let sk = store::rekey(src, &k);
+                        let data = self.read_chunk_at(&sk, &p)?;
+                        stats.bytes += data.len() as u64;
+                        copies.push((k.clone(), data));
+                        copy_keys.push(ops.len());
+                        ops.push(Op::Put(k, Vec::new()));
+                    } else {
+                        ops.push(Op::Put(k, v.to_vec()));
+                    }
+                }
+            }
+        }
+        stats.keys = ops.len() as u64;
+        let pairs: Vec<(&[u8], &[u8])> = copies
+            .iter()
+            .map(|(k, d)| (k.as_slice(), d.as_slice()))
+            .collect();
+        let pending = self
+            .chunks
+            .append(&pairs)
+            .map_err(|e| format!("copying file data: {e}"))?;
+        for (i, p) in copy_keys.iter().zip(pending.ptrs()) {
+            if let Op::Put(_, v) = &mut ops[*i] {
+                *v = p.encode();
+            }
+        }
+        match self.commit_preserving(vol, &ops) {
+            Ok(kept) => {
+                for p in released.iter().filter(|p| !kept.contains(p)) {
+                    self.chunks.release(p);
+                }
+            }
+            Err(e) => {
+                pending.abandon();
+                return Err(format!("replacing the volume's content: {e}"));
+            }
+        }
+        drop(pending);
+        self.sync()
+            .map_err(|e| format!("making the new content durable: {e}"))?;
+        Ok(stats)
+    }
+
+    /// Reads and verifies a chunk version for a copy.
+    fn read_chunk_at(&self, key: &[u8], p: &ChunkPtr) -> Result<Vec<u8>, String> {
+        match self.chunks.read(key, p) {
+            Ok(Some(d)) => Ok(d),
+            Ok(None) => Err("a chunk moved while being copied; retry".into()),
+            Err(e) => Err(format!(
+                "a chunk of inode {} is unreadable ({e:?}): run `volfs scrub`",
+                key.get(9..17)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_be_bytes)
+            )),
+        }
+    }
+
+    /// Copies the content of `src` (live or snapshot `src_at`) into the empty new volume
+    /// `dst`, in batches (`dst` is doomed until registered, so a crash leaves nothing).
+    /// Chunk data is copied.
+    pub fn copy_content(
+        &self,
+        src: u64,
+        src_at: Option<u64>,
+        dst: u64,
+    ) -> Result<Replaced, String> {
+        let (s0, s1) = content_range(src);
+        let mut stats = Replaced::default();
+        let mut ops = Vec::new();
+        let mut copies: Vec<(Vec<u8>, Vec<u8>, usize)> = Vec::new();
+        let flush = |ops: &mut Vec<Op>,
+                     copies: &mut Vec<(Vec<u8>, Vec<u8>, usize)>|
+         -> Result<(), String> {
+            let pairs: Vec<(&[u8], &[u8])> = copies
+                .iter()
+                .map(|(k, d, _)| (k.as_slice(), d.as_slice()))
+                .collect();
+            let pending = self
+                .chunks
+                .append(&pairs)
+                .map_err(|e| format!("copying file data: {e}"))?;
+            for ((_, _, i), p) in copies.iter().zip(pending.ptrs()) {
+                if let Op::Put(_, v) = &mut ops[*i] {
+                    *v = p.encode();
+                }
+            }
+            if let Err(e) = self.commit(ops) {
+                pending.abandon();
+                return Err(format!("copying a volume: {e}"));
+            }
+            ops.clear();
+            copies.clear();
+            Ok(())
+        };
+        let mut pending_bytes = 0usize;
+        for item in self.range_at(src, src_at, s0, s1) {
+            let (k, v) = item.map_err(|e| format!("reading the source volume: {e}"))?;
+            let nk = store::rekey(dst, &k);
+            if let Some(p) = store::chunk_value(&k, &v) {
+                let data = self.read_chunk_at(&k, &p)?;
+                stats.bytes += data.len() as u64;
+                pending_bytes += data.len();
+                copies.push((nk.clone(), data, ops.len()));
+                ops.push(Op::Put(nk, Vec::new()));
+            } else {
+                ops.push(Op::Put(nk, v.to_vec()));
+            }
+            stats.keys += 1;
+            if ops.len() >= MERGE_BATCH || pending_bytes >= 8 << 20 {
+                flush(&mut ops, &mut copies)?;
+                pending_bytes = 0;
+            }
+        }
+        if !ops.is_empty() {
+            flush(&mut ops, &mut copies)?;
+        }
+        self.sync()
+            .map_err(|e| format!("making the copy durable: {e}"))?;
+        Ok(stats)
+    }
+}
+
 /// A range read of a snapshot, a page at a time (see the module doc).
 struct LayeredRange<'a> {
     store: &'a Store,
@@ -816,5 +1027,57 @@ mod tests {
             fs.lookup(ROOT_INO, b"f").map(|_| ()),
             Err(crate::error::FsError::NotFound)
         );
+    }
+
+    #[test]
+    fn rollback_and_clone_reproduce_a_snapshot_and_keep_the_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        let (store, fs) = open(dir.path());
+        for _ in 0..200 {
+            step(&fs, &mut rng);
+        }
+        let at_a = dump(&fs);
+        let (a, _, _) = store.create_snapshot(VOL, "a", || (0, 0)).expect("snap");
+        for _ in 0..200 {
+            step(&fs, &mut rng);
+        }
+        let at_b = dump(&fs);
+        let (b, _, _) = store.create_snapshot(VOL, "b", || (0, 0)).expect("snap");
+        for _ in 0..100 {
+            step(&fs, &mut rng);
+        }
+        let before_rollback = dump(&fs);
+        let r = store.replace_content(VOL, VOL, Some(a)).expect("rollback");
+        assert!(r.keys > 0);
+        drop(fs);
+        let fs = SledFs::open(store.clone(), VOL, "t").expect("reopen");
+        assert_eq!(dump(&fs), at_a, "live after rollback to a");
+        for (id, want) in [(a, &at_a), (b, &at_b)] {
+            let view = SledFs::open_snapshot(store.clone(), VOL, id, "t@s").expect("view");
+            assert_eq!(&dump(&view), want, "snapshot {id} after the rollback");
+        }
+        // Writing after the rollback leaves the snapshots alone too.
+        for _ in 0..100 {
+            step(&fs, &mut rng);
+        }
+        let view = SledFs::open_snapshot(store.clone(), VOL, b, "t@s").expect("view");
+        assert_eq!(dump(&view), at_b);
+        drop(view);
+        // A clone of b is b, and independent of the volume.
+        let clone = 99;
+        let c = store.copy_content(VOL, Some(b), clone).expect("clone");
+        assert!(c.bytes > 0);
+        let cfs = SledFs::open(store.clone(), clone, "c").expect("open clone");
+        assert_eq!(dump(&cfs), at_b);
+        for _ in 0..50 {
+            step(&cfs, &mut rng);
+        }
+        let view = SledFs::open_snapshot(store.clone(), VOL, b, "t@s").expect("view");
+        assert_eq!(dump(&view), at_b);
+        assert_ne!(dump(&fs), before_rollback);
+        store.collect_garbage().expect("gc");
+        store.sync().expect("sync");
+        assert_eq!(dump(&view), at_b);
     }
 }

@@ -878,6 +878,14 @@ fn chunk_key_ino(key: &[u8]) -> Option<u64> {
     }
 }
 
+/// `key` (a key of some volume) as a key of volume `vol`.
+pub fn rekey(vol: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len());
+    k.extend_from_slice(&vol.to_be_bytes());
+    k.extend_from_slice(key.get(8..).unwrap_or_default());
+    k
+}
+
 /// The key in snapshot `snap`'s layer that holds the pre-image of `key` (a key of `vol`).
 pub fn layer_key(vol: u64, snap: u64, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 9);
