@@ -123,6 +123,36 @@ pub enum Request {
     Umount {
         path: PathBuf,
     },
+    /// Takes a snapshot of volume `name` (default name: the UTC time).
+    #[serde(rename = "snapshot_create")]
+    SnapshotCreate {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<String>,
+    },
+    #[serde(rename = "snapshot_ls")]
+    SnapshotLs {
+        name: String,
+    },
+    #[serde(rename = "snapshot_rm")]
+    SnapshotRm {
+        name: String,
+        snapshot: String,
+    },
+    /// Makes volume `name` what snapshot `snapshot` holds.
+    Rollback {
+        name: String,
+        snapshot: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// A new volume `new` holding what snapshot `snapshot` of `name` holds.
+    #[serde(rename = "clone")]
+    CloneVolume {
+        name: String,
+        snapshot: String,
+        new: String,
+    },
     Version,
     Info,
     /// Unmount everything, stop the keeper and exit (the mount table is kept).
@@ -137,7 +167,11 @@ impl Request {
             Request::Create { options, .. } if options.contains_key("from") => {
                 Duration::from_secs(24 * 3600)
             }
-            Request::Rm { .. } | Request::Prune { .. } => Duration::from_secs(3600),
+            Request::Rm { .. }
+            | Request::Prune { .. }
+            | Request::SnapshotRm { .. }
+            | Request::Rollback { .. }
+            | Request::CloneVolume { .. } => Duration::from_secs(3600),
             _ => Duration::from_secs(120),
         }
     }
@@ -220,6 +254,9 @@ impl LsFilters {
 pub struct MountInfo {
     pub path: PathBuf,
     pub read_only: bool,
+    /// The snapshot this mount shows, when it is one (`volfs mount VOL@SNAP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// What a volume holds.
@@ -291,6 +328,36 @@ pub struct DaemonInfo {
     pub mounts: u64,
 }
 
+/// A snapshot as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    /// When it was taken: seconds since the epoch, and nanoseconds.
+    pub created: i64,
+    pub created_nanos: u32,
+    /// Bytes stored and inodes of the volume at that instant.
+    pub bytes: u64,
+    pub inodes: u64,
+    /// `snapshot_create`: how long writers were held, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_us: Option<u64>,
+    /// `snapshot_rm`: chunk bytes only this snapshot held, now freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freed_bytes: Option<u64>,
+}
+
+/// What `rollback` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub volume: String,
+    pub snapshot: String,
+    /// Keys of the store written or deleted.
+    pub changed_keys: u64,
+    /// File bytes copied back from the snapshot.
+    pub copied_bytes: u64,
+}
+
 /// The payload of a successful answer, one field named after the variant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -301,6 +368,10 @@ pub enum Reply {
     Pruned(Pruned),
     Version(VersionInfo),
     Info(DaemonInfo),
+    Snapshot(SnapshotInfo),
+    Snapshots(Vec<SnapshotInfo>),
+    #[serde(rename = "rolled_back")]
+    RolledBack(RolledBack),
 }
 
 /// The daemon's answer.
@@ -542,6 +613,7 @@ mod tests {
                 vec![MountInfo {
                     path: "/m".into(),
                     read_only: false,
+                    snapshot: None,
                 }]
             } else {
                 vec![]

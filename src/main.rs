@@ -91,6 +91,24 @@ enum Cmd {
     },
     /// Unmount a volfs mountpoint.
     Umount { path: PathBuf },
+    /// Take, list and remove snapshots: a volume's whole content at one instant.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Make a volume hold again what one of its snapshots holds (all snapshots stay).
+    Rollback {
+        /// VOL@SNAP
+        target: String,
+        /// Even while the volume is mounted writable: programs using it see its content
+        /// change under them.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Create a new volume holding what a snapshot holds.
+    Clone {
+        /// VOL@SNAP
+        target: String,
+        new: String,
+    },
     /// Unmount everything and stop volfs-mountd (the next start mounts them again).
     Shutdown,
     /// Show the versions of this client and of the daemon.
@@ -100,6 +118,37 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Take a snapshot of a volume and print its name (default: the UTC time,
+    /// YYYYMMDD-HHMMSS). Copies nothing: writers wait only while it is recorded.
+    Create {
+        volume: String,
+        name: Option<String>,
+    },
+    /// List the snapshots of a volume, oldest first.
+    Ls {
+        volume: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Remove snapshots (VOL@SNAP) and free the space only they hold.
+    Rm {
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+}
+
+/// `VOL@SNAP` split in two, or an error saying what is expected.
+fn snapshot_target(target: &str) -> Result<(String, String), String> {
+    match target.split_once('@') {
+        Some((v, s)) if !v.is_empty() && !s.is_empty() => Ok((v.to_string(), s.to_string())),
+        _ => Err(format!(
+            "{target:?} does not name a snapshot: write VOLUME@SNAPSHOT (see `volfs snapshot ls VOLUME`)"
+        )),
+    }
 }
 
 fn main() {
@@ -241,6 +290,91 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Shutdown => {
             ask(socket, &Request::Shutdown)?;
         }
+        Cmd::Snapshot(SnapshotCmd::Create { volume, name }) => {
+            let req = Request::SnapshotCreate {
+                name: volume,
+                snapshot: name,
+            };
+            match ask(socket, &req)? {
+                Some(Reply::Snapshot(s)) => println!("{}@{}", s.volume, s.name),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Cmd::Snapshot(SnapshotCmd::Ls { volume, format }) => {
+            let list = match ask(socket, &Request::SnapshotLs { name: volume })? {
+                Some(Reply::Snapshots(l)) => l,
+                other => return Err(unexpected(other)),
+            };
+            if format == Format::Json {
+                for s in &list {
+                    println!("{}", to_json(s, false)?);
+                }
+            } else {
+                let width = list.iter().map(|s| s.name.len()).max().unwrap_or(0).max(8);
+                println!(
+                    "{:width$}  {:20}  {:>10}  {:>8}",
+                    "SNAPSHOT", "CREATED", "SIZE", "INODES"
+                );
+                for s in &list {
+                    println!(
+                        "{:width$}  {:20}  {:>10}  {:>8}",
+                        s.name,
+                        rfc3339(s.created),
+                        human_size(s.bytes),
+                        s.inodes
+                    );
+                }
+            }
+        }
+        Cmd::Snapshot(SnapshotCmd::Rm { targets }) => {
+            let mut failed = false;
+            for t in targets {
+                let r = snapshot_target(&t).and_then(|(name, snapshot)| {
+                    ask(socket, &Request::SnapshotRm { name, snapshot })
+                });
+                match r {
+                    Ok(Some(Reply::Snapshot(s))) => println!("{}@{}", s.volume, s.name),
+                    Ok(other) => return Err(unexpected(other)),
+                    Err(e) => {
+                        eprintln!("volfs: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Err(String::new());
+            }
+        }
+        Cmd::Rollback { target, force } => {
+            let (name, snapshot) = snapshot_target(&target)?;
+            let req = Request::Rollback {
+                name,
+                snapshot,
+                force,
+            };
+            match ask(socket, &req)? {
+                Some(Reply::RolledBack(r)) => println!(
+                    "rolled {} back to {}@{} ({} copied back)",
+                    r.volume,
+                    r.volume,
+                    r.snapshot,
+                    human_size(r.copied_bytes)
+                ),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Cmd::Clone { target, new } => {
+            let (name, snapshot) = snapshot_target(&target)?;
+            let req = Request::CloneVolume {
+                name,
+                snapshot,
+                new,
+            };
+            match ask(socket, &req)? {
+                Some(Reply::Volume(v)) => println!("{}", v.name),
+                other => return Err(unexpected(other)),
+            }
+        }
         Cmd::Version => {
             println!("Client version:  {}", env!("CARGO_PKG_VERSION"));
             match ask(socket, &Request::Version)? {
@@ -355,9 +489,10 @@ fn print_ls(vols: &[VolumeInfo], format: Format, quiet: bool) -> Result<(), Stri
         let mounts: Vec<String> = v
             .mounts
             .iter()
-            .map(|m| {
-                let ro = if m.read_only { " (ro)" } else { "" };
-                format!("{}{ro}", m.path.display())
+            .map(|m| match (&m.snapshot, m.read_only) {
+                (Some(s), _) => format!("{} (ro, @{s})", m.path.display()),
+                (None, true) => format!("{} (ro)", m.path.display()),
+                (None, false) => m.path.display().to_string(),
             })
             .collect();
         println!("{:width$}  {}", v.name, mounts.join(", "));

@@ -170,7 +170,7 @@ impl Snaps {
         }
     }
 
-    fn pinned(&self, vol: u64, snap: u64) -> bool {
+    pub fn pinned(&self, vol: u64, snap: u64) -> bool {
         lock(&self.pins).get(&(vol, snap)).copied().unwrap_or(0) > 0
     }
 }
@@ -486,8 +486,10 @@ impl Store {
             .iter()
             .map(|(v, l)| (*v, l.clone()))
             .collect();
+        let mut merged = false;
         for (vol, layers) in all {
             for l in layers.iter().filter(|l| l.deleting) {
+                merged = true;
                 match self.merge_layer(vol, l.id) {
                     Ok(bytes) => {
                         tracing::info!(vol, snapshot = l.id, bytes, "finished removing a snapshot")
@@ -496,7 +498,9 @@ impl Store {
                 }
             }
         }
-        let _ = self.sync();
+        if merged {
+            let _ = self.sync();
+        }
     }
 }
 

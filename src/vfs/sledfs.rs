@@ -214,6 +214,19 @@ impl SledFs {
         Ok(fs)
     }
 
+    /// The volume's name (`VOL@SNAP` for a snapshot).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counts usage again from the records (after the content was replaced underneath).
+    pub fn recount(&self) -> FsResult<()> {
+        let usage = Self::scan_usage(&self.store, self.vol)?;
+        self.used_bytes.store(usage.bytes, Ordering::Relaxed);
+        self.inodes.store(usage.inodes, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Whether this serves a snapshot (read-only).
     pub fn snapshot(&self) -> Option<u64> {
         self.at
