@@ -55,6 +55,10 @@ pub struct SnapshotRecord {
     /// Being removed: hidden, merged away in the background.
     #[serde(default)]
     pub deleting: bool,
+    /// Taken for one export or import: hidden, and removed at the next start if a crash
+    /// left it.
+    #[serde(default)]
+    pub temporary: bool,
 }
 
 impl SnapshotRecord {
@@ -128,7 +132,8 @@ impl Snaps {
     pub fn load(records: Vec<(u64, u64, IVec)>) -> Snaps {
         let mut layers: HashMap<u64, Vec<Layer>> = HashMap::new();
         for (vol, id, v) in records {
-            let deleting = SnapshotRecord::decode(&v).is_none_or(|r| r.deleting);
+            // A temporary snapshot's user died with the previous daemon.
+            let deleting = SnapshotRecord::decode(&v).is_none_or(|r| r.deleting || r.temporary);
             layers.entry(vol).or_default().push(Layer { id, deleting });
         }
         Snaps {
@@ -356,6 +361,18 @@ impl Store {
         name: &str,
         usage: impl FnOnce() -> (u64, u64),
     ) -> Result<(u64, SnapshotRecord, Duration), String> {
+        self.create_snapshot_with(vol, name, false, usage)
+    }
+
+    /// As [`Store::create_snapshot`]; a `temporary` one is hidden and does not outlive
+    /// the daemon.
+    pub fn create_snapshot_with(
+        &self,
+        vol: u64,
+        name: &str,
+        temporary: bool,
+        usage: impl FnOnce() -> (u64, u64),
+    ) -> Result<(u64, SnapshotRecord, Duration), String> {
         let lock = self.snaps.lock_of(vol);
         let t = Instant::now();
         let g = lock.write().unwrap_or_else(|p| p.into_inner());
@@ -371,6 +388,7 @@ impl Store {
             bytes,
             inodes,
             deleting: false,
+            temporary,
         };
         self.commit(&[Op::Put(store::snapshot_key(vol, id), rec.encode())])
             .map_err(|e| format!("recording snapshot {name}: {e}"))?;

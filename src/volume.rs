@@ -853,7 +853,7 @@ impl Registry {
                 .store
                 .snapshots(rec.id)?
                 .into_iter()
-                .find(|(_, r)| r.name == snap && !r.deleting)
+                .find(|(_, r)| r.name == snap && !r.deleting && !r.temporary)
             else {
                 return Ok(None);
             };
@@ -1303,6 +1303,40 @@ fn unescape(f: &[u8]) -> Vec<u8> {
     out
 }
 
+/// What [`Registry::consistent_view`] gives.
+pub struct ConsistentView {
+    fs: Option<Arc<SledFs>>,
+    /// The temporary snapshot to remove afterwards: (store, volume id, snapshot id).
+    temp: Option<(Store, u64, u64)>,
+}
+
+impl ConsistentView {
+    pub fn fs(&self) -> &SledFs {
+        // Set at construction, taken only by `drop`.
+        self.fs
+            .as_deref()
+            .expect("view filesystem present until drop")
+    }
+}
+
+impl Drop for ConsistentView {
+    fn drop(&mut self) {
+        let fs = self.fs.take();
+        let Some((store, vol, id)) = self.temp.take() else {
+            return;
+        };
+        // The pin goes with the last reference to the filesystem.
+        drop(fs);
+        if let Err(e) = store.remove_snapshot(vol, id) {
+            tracing::warn!(
+                vol,
+                id,
+                "removing a temporary snapshot (the next start does): {e}"
+            );
+        }
+    }
+}
+
 /// The default snapshot name: the UTC time, `20261128-133918`.
 fn default_snapshot_name() -> String {
     let secs = Timestamp::now().secs;
@@ -1351,7 +1385,7 @@ impl Registry {
         self.store
             .snapshots(vol)?
             .into_iter()
-            .find(|(_, r)| r.name == snap && !r.deleting)
+            .find(|(_, r)| r.name == snap && !r.deleting && !r.temporary)
             .ok_or_else(|| {
                 format!("no such snapshot: {name}@{snap} (see `volfs snapshot ls {name}`)")
             })
@@ -1399,7 +1433,27 @@ impl Registry {
                 "snapshot {name}@{snap} exists already (remove it with `volfs snapshot rm {name}@{snap}`, or choose another name)"
             ));
         }
-        // Dirty pages of shared writable mmaps live in the kernel until written back.
+        let (_, srec, stall) = self.take_snapshot(name, &rec, &snap, false)?;
+        tracing::info!(
+            volume = name,
+            snapshot = snap,
+            stall_us = stall.as_micros() as u64,
+            "took a snapshot"
+        );
+        let mut info = snapshot_info(name, &srec);
+        info.stall_us = Some(stall.as_micros() as u64);
+        Ok(info)
+    }
+
+    /// Writes back what the kernels of the volume's writable mounts hold dirty (pages of
+    /// shared writable mmaps), then takes the snapshot.
+    fn take_snapshot(
+        &self,
+        name: &str,
+        rec: &VolumeRecord,
+        snap: &str,
+        temporary: bool,
+    ) -> Result<(u64, crate::snap::SnapshotRecord, Duration), String> {
         let writable: Vec<PathBuf> = lock(&self.mounts)
             .iter()
             .filter(|(_, m)| m.volume == name && !m.read_only)
@@ -1422,21 +1476,48 @@ impl Registry {
             Some(_) => None,
             None => Some(SledFs::scan_usage(&self.store, rec.id).map_err(|e| e.to_string())?),
         };
-        let (_, srec, stall) = self.store.create_snapshot(rec.id, &snap, || {
-            let u = open
-                .as_ref()
-                .map_or_else(|| counted.unwrap_or_default(), |fs| fs.usage());
-            (u.bytes, u.inodes)
-        })?;
-        tracing::info!(
-            volume = name,
-            snapshot = snap,
-            stall_us = stall.as_micros() as u64,
-            "took a snapshot"
-        );
-        let mut info = snapshot_info(name, &srec);
-        info.stall_us = Some(stall.as_micros() as u64);
-        Ok(info)
+        self.store
+            .create_snapshot_with(rec.id, snap, temporary, || {
+                let u = open
+                    .as_ref()
+                    .map_or_else(|| counted.unwrap_or_default(), |fs| fs.usage());
+                (u.bytes, u.inodes)
+            })
+            .map_err(|e| format!("snapshot of {name}: {e}"))
+    }
+
+    /// A consistent read-only view of a volume (for an export): snapshot `snap`, or a
+    /// temporary snapshot of the volume taken now, removed when the view is dropped.
+    pub fn consistent_view(
+        &self,
+        name: &str,
+        snap: Option<&str>,
+    ) -> Result<ConsistentView, String> {
+        let rec = self.existing_record(name)?;
+        if let Some(snap) = snap {
+            let (id, _) = self.snapshot_id(name, rec.id, snap)?;
+            let fs =
+                SledFs::open_snapshot(self.store.clone(), rec.id, id, &format!("{name}@{snap}"))
+                    .map_err(|e| format!("opening {name}@{snap}: {e}"))?;
+            return Ok(ConsistentView {
+                fs: Some(Arc::new(fs)),
+                temp: None,
+            });
+        }
+        let tmp = format!("tmp-{}-{}", std::process::id(), Timestamp::now().nsecs);
+        let (id, _, _) = {
+            let _admin = lock(&self.snap_admin);
+            self.take_snapshot(name, &rec, &tmp, true)?
+        };
+        // Removes the snapshot again if opening it fails.
+        let mut view = ConsistentView {
+            fs: None,
+            temp: Some((self.store.clone(), rec.id, id)),
+        };
+        let fs = SledFs::open_snapshot(self.store.clone(), rec.id, id, &format!("{name}@{tmp}"))
+            .map_err(|e| format!("opening a snapshot of {name}: {e}"))?;
+        view.fs = Some(Arc::new(fs));
+        Ok(view)
     }
 
     /// The snapshots of a volume, oldest first.
@@ -1446,7 +1527,7 @@ impl Registry {
             .store
             .snapshots(rec.id)?
             .iter()
-            .filter(|(_, r)| !r.deleting)
+            .filter(|(_, r)| !r.deleting && !r.temporary)
             .map(|(_, r)| snapshot_info(name, r))
             .collect())
     }
@@ -1522,6 +1603,80 @@ impl Registry {
             changed_keys: r.keys,
             copied_bytes: r.bytes,
         })
+    }
+
+    /// Fills existing volume `name` with what `fill` writes into a fresh staging volume,
+    /// all or nothing: on any error the volume is as before. Without `replace` the
+    /// volume must be empty; with it, its content is swapped for the new one in one
+    /// commit and kept as snapshot `before-import-TIME`, whose name is returned.
+    pub fn import_into_existing_with(
+        &self,
+        name: &str,
+        replace: bool,
+        fill: impl FnOnce(&SledFs) -> Result<crate::import::ImportStats, String>,
+    ) -> Result<(crate::import::ImportStats, Option<String>), String> {
+        let rec = self.existing_record(name)?;
+        let empty = self
+            .store
+            .fs
+            .scan_prefix(crate::store::dentry_prefix(rec.id, crate::store::ROOT_INO))
+            .next()
+            .is_none();
+        if !empty && !replace {
+            return Err(format!(
+                "volume {name} is not empty: use --replace to swap its content for the \
+                 archive's (the current content is kept as a snapshot)"
+            ));
+        }
+        let staging = self
+            .store
+            .db
+            .generate_id()
+            .map_err(|e| format!("allocating a volume id: {e}"))?
+            + 1;
+        self.store.begin_create(staging, name)?;
+        let filled = SledFs::init_volume(&self.store, staging, 0, 0, 0o755)
+            .map_err(|e| format!("staging the import into {name}: {e}"))
+            .and_then(|()| {
+                let fs = SledFs::open(self.store.clone(), staging, name)
+                    .map_err(|e| format!("staging the import into {name}: {e}"))?;
+                fs.set_limit(VolumeOptions::of(&rec).size);
+                fill(&fs)
+            });
+        let stats = match filled {
+            Ok(s) => s,
+            Err(e) => {
+                self.discard(staging, name);
+                return Err(e);
+            }
+        };
+        let swapped = {
+            let _admin = lock(&self.snap_admin);
+            let kept = if empty {
+                Ok(None)
+            } else {
+                let snap = format!("before-import-{}", default_snapshot_name());
+                self.take_snapshot(name, &rec, &snap, false)
+                    .map(|_| Some(snap))
+            };
+            kept.and_then(|kept| {
+                self.store
+                    .replace_content(rec.id, staging, None)
+                    .map(|_| kept)
+                    .map_err(|e| format!("importing into {name}: {e}"))
+            })
+        };
+        self.discard(staging, name);
+        let kept = swapped?;
+        self.content_replaced(rec.id);
+        tracing::info!(
+            volume = name,
+            files = stats.files,
+            bytes = stats.bytes,
+            ?kept,
+            "imported into an existing volume"
+        );
+        Ok((stats, kept))
     }
 
     /// After a volume's content was replaced underneath its filesystem and mounts.
