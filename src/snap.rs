@@ -80,7 +80,7 @@ pub struct Layer {
 
 /// The snapshot layers of every volume, and the locks that order commits against them.
 pub struct Snaps {
-    layers: Mutex<HashMap<u64, Arc<Vec<Layer>>>>,
+    layers: RwLock<HashMap<u64, Arc<Vec<Layer>>>>,
     locks: Vec<RwLock<()>>,
     /// Readers of snapshots (mounts, exports): `(vol, snap)` → count. A pinned snapshot
     /// cannot be removed.
@@ -137,7 +137,7 @@ impl Snaps {
             layers.entry(vol).or_default().push(Layer { id, deleting });
         }
         Snaps {
-            layers: Mutex::new(layers.into_iter().map(|(v, l)| (v, Arc::new(l))).collect()),
+            layers: RwLock::new(layers.into_iter().map(|(v, l)| (v, Arc::new(l))).collect()),
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             pins: Mutex::new(HashMap::new()),
         }
@@ -149,11 +149,16 @@ impl Snaps {
 
     /// The layers of `vol`, oldest first.
     pub fn layers(&self, vol: u64) -> Arc<Vec<Layer>> {
-        lock(&self.layers).get(&vol).cloned().unwrap_or_default()
+        self.layers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vol)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn set_layers(&self, vol: u64, list: Vec<Layer>) {
-        let mut m = lock(&self.layers);
+        let mut m = self.layers.write().unwrap_or_else(|p| p.into_inner());
         if list.is_empty() {
             m.remove(&vol);
         } else {
@@ -162,7 +167,10 @@ impl Snaps {
     }
 
     pub fn forget_volume(&self, vol: u64) {
-        lock(&self.layers).remove(&vol);
+        self.layers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vol);
     }
 
     /// Keeps snapshot `snap` of `vol` from being removed until the pin is dropped.
@@ -500,7 +508,11 @@ impl Store {
 
     /// Finishes the snapshot removals a stop or crash interrupted.
     pub fn resume_removals(&self) {
-        let all: Vec<(u64, Arc<Vec<Layer>>)> = lock(&self.snaps.layers)
+        let all: Vec<(u64, Arc<Vec<Layer>>)> = self
+            .snaps
+            .layers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(v, l)| (*v, l.clone()))
             .collect();
