@@ -629,6 +629,9 @@ impl Importer<'_> {
         let mut head = vec![0u8; 512];
         let n = read_full(source, &mut head)
             .map_err(|e| format!("{}reading the archive: {e}", self.prefix))?;
+        if n == 0 {
+            return Err(format!("{}the archive is empty (no input)", self.prefix));
+        }
         head.truncate(n);
         let rest = io::Cursor::new(head.clone()).chain(source);
         if head.starts_with(&[0x1f, 0x8b]) {
@@ -2967,7 +2970,7 @@ mod tests {
         assert!(
             import(&fs, &empty)
                 .expect_err("empty")
-                .contains("not a directory or tar file")
+                .contains("the archive is empty")
         );
 
         let bz = tmp.path().join("a.tar.bz2");
