@@ -3009,6 +3009,235 @@ mod tests {
         );
     }
 
+    /// A small tree for the fuzz test: a file, a sparse file with three small holes, a
+    /// long name, an xattr, a symlink, a hard link, a FIFO.
+    fn small_tree(root: &Path) {
+        std::fs::create_dir_all(root.join("d/e")).expect("mkdir");
+        std::fs::write(root.join("d/f"), pattern(3000, 5)).expect("write");
+        std::fs::write(root.join("d/e/").join("n".repeat(120)), b"long name").expect("write");
+        let f = File::create(root.join("sparse")).expect("sparse");
+        for i in 0..3u64 {
+            f.write_all_at(b"data", i * 3 * CHUNK_SIZE).expect("w");
+        }
+        f.set_len(10 * CHUNK_SIZE).expect("len");
+        xattr::set(root.join("d/f"), "user.k", b"v\nw").expect("xattr");
+        std::os::unix::fs::symlink("d/f", root.join("l")).expect("symlink");
+        std::fs::hard_link(root.join("d/f"), root.join("h")).expect("link");
+        mkfifo(&root.join("p"), Mode::from_bits_truncate(0o600)).expect("fifo");
+    }
+
+    /// A deterministic xorshift generator.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Rewrites a header block's checksum, so that a mutation gets past the check.
+    fn fix_checksum(block: &mut [u8]) {
+        block[148..156].fill(b' ');
+        let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+        block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+
+    /// One mutation of `base`: cut, bytes flipped, a header field rewritten (checksum
+    /// fixed or not), blocks repeated, dropped or swapped.
+    fn mutate(base: &[u8], rng: &mut Rng) -> (String, Vec<u8>) {
+        let mut v = base.to_vec();
+        let blocks = v.len() / 512;
+        if blocks < 2 {
+            return (String::from("unchanged (too short to mutate)"), v);
+        }
+        match rng.below(6) {
+            0 => {
+                let at = rng.below(v.len());
+                v.truncate(at);
+                (format!("cut at {at}"), v)
+            }
+            1 => {
+                let n = 1 + rng.below(8);
+                for _ in 0..n {
+                    let at = rng.below(v.len());
+                    v[at] ^= 1 << rng.below(8);
+                }
+                (format!("{n} bits flipped"), v)
+            }
+            2 | 3 => {
+                // A header field: name, mode, uid, size, mtime, checksum, type, link
+                // name, magic, prefix, or an old GNU sparse map.
+                let fields = [
+                    (0, 100),
+                    (100, 8),
+                    (108, 8),
+                    (124, 12),
+                    (136, 12),
+                    (148, 8),
+                    (156, 1),
+                    (157, 100),
+                    (257, 8),
+                    (345, 155),
+                    (386, 96),
+                    (482, 13),
+                ];
+                let b = rng.below(blocks) * 512;
+                let (off, len) = fields[rng.below(fields.len())];
+                let fill: Vec<u8> = match rng.below(5) {
+                    0 => (0..len).map(|_| b'0' + rng.below(8) as u8).collect(),
+                    1 => {
+                        let mut f = vec![0u8; len];
+                        f[0] = 0x80;
+                        for x in f.iter_mut().skip(1) {
+                            *x = rng.next() as u8;
+                        }
+                        f
+                    }
+                    2 => (0..len).map(|_| rng.next() as u8).collect(),
+                    3 => {
+                        let s = b"../../../../../../tmp/x/y";
+                        (0..len).map(|i| s[i % s.len()]).collect()
+                    }
+                    _ => vec![b"0125LKxgS7D"[rng.below(11)]; len],
+                };
+                v[b + off..b + off + len].copy_from_slice(&fill);
+                if rng.below(4) != 0 {
+                    fix_checksum(&mut v[b..b + 512]);
+                }
+                (format!("field {off}+{len} of block {}", b / 512), v)
+            }
+            4 => {
+                // A PAX record's length, rewritten.
+                let find = |pat: &[u8]| v.windows(pat.len()).position(|w| w == pat);
+                match find(b" path=").or_else(|| find(b" SCHILY")) {
+                    Some(at) if at >= 2 => {
+                        let digits = format!("{}", rng.below(100_000));
+                        let d = digits.as_bytes();
+                        let n = d.len().min(2);
+                        v[at - n..at].copy_from_slice(&d[..n]);
+                        (format!("PAX length at {at}"), v)
+                    }
+                    _ => (String::from("unchanged"), v),
+                }
+            }
+            _ => {
+                let (a, b) = (rng.below(blocks), rng.below(blocks));
+                let blk = |i: usize| i * 512..(i + 1) * 512;
+                let copy = v[blk(a)].to_vec();
+                match rng.below(3) {
+                    0 => v.splice(blk(b).start..blk(b).start, copy).for_each(drop),
+                    1 => v.drain(blk(a)).for_each(drop),
+                    _ => {
+                        let other = v[blk(b)].to_vec();
+                        v[blk(a)].copy_from_slice(&other);
+                        v[blk(b)].copy_from_slice(&copy);
+                    }
+                }
+                (format!("blocks {a} and {b} moved"), v)
+            }
+        }
+    }
+
+    /// Thousands of mutated and truncated archives: each import ends in Ok or Err, never
+    /// in a panic or a hang.
+    #[test]
+    fn mutated_archives_never_panic_or_hang() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src");
+        small_tree(&src);
+        let s = src.to_str().expect("utf-8");
+        let mut bases = Vec::new();
+        for (i, opts) in [
+            &["--format=gnu", "-S"][..],
+            &["--format=posix", "-S", "--sparse-version=1.0", "--xattrs"],
+            &["--format=posix", "-S", "--sparse-version=0.1"],
+            &["--format=oldgnu"],
+        ]
+        .iter()
+        .enumerate()
+        {
+            let tar = tmp.path().join(format!("b{i}.tar"));
+            let mut args = opts.to_vec();
+            args.extend(["-cpf", tar.to_str().expect("utf-8"), "-C", s, "."]);
+            run_tar(&args);
+            let bytes = std::fs::read(&tar).expect("read");
+            // Without the zero padding of the last record: mutations land on content.
+            let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+            bases.push(bytes[..(end.div_ceil(512) + 2) * 512].to_vec());
+        }
+        let store = Store::open_with(&tmp.path().join("volume"), 1 << 20).expect("store");
+        // VOLFS_FUZZ_CASES and VOLFS_FUZZ_SEED run a longer or another series.
+        let env = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let cases = env("VOLFS_FUZZ_CASES", 2000);
+        let seed = env("VOLFS_FUZZ_SEED", 0x9e37_79b9_7f4a_7c15) | 1;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = done.clone();
+        let worker = std::thread::spawn(move || {
+            let mut rng = Rng(seed);
+            let (mut ok, mut refused) = (0u32, 0u32);
+            for case in 0..cases {
+                let base = &bases[rng.below(bases.len())];
+                let (what, bytes) = mutate(base, &mut rng);
+                let (what, bytes) = if rng.below(3) == 0 {
+                    // Twice mutated.
+                    let (w2, b2) = mutate(&bytes, &mut rng);
+                    (format!("{what}, then {w2}"), b2)
+                } else {
+                    (what, bytes)
+                };
+                let vol = case + 1;
+                SledFs::init_volume(&store, vol, 0, 0, 0o755).expect("init");
+                let fs = SledFs::open(store.clone(), vol, "fuzz").expect("open");
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    import_archive(&fs, ROOT_INO, &mut io::Cursor::new(&bytes))
+                }));
+                match r {
+                    Ok(Ok(_)) => ok += 1,
+                    Ok(Err(_)) => refused += 1,
+                    Err(_) => panic!("case {case} ({what}): the importer panicked"),
+                }
+                progress.store(case + 1, std::sync::atomic::Ordering::Relaxed);
+            }
+            (ok, refused)
+        });
+        let t0 = std::time::Instant::now();
+        let mut last = (0, t0);
+        while !worker.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let n = done.load(std::sync::atomic::Ordering::Relaxed);
+            if n != last.0 {
+                last = (n, std::time::Instant::now());
+            }
+            assert!(
+                last.1.elapsed() < std::time::Duration::from_secs(20),
+                "case {n} has run for 20 s: the importer hangs"
+            );
+        }
+        let (ok, refused) = worker.join().expect("no panic");
+        assert_eq!(u64::from(ok + refused), cases);
+        // Both outcomes are exercised (a mutation in data or padding is harmless).
+        assert!(
+            u64::from(ok) > cases / 20 && u64::from(refused) > cases / 5,
+            "{ok} imported, {refused} refused"
+        );
+        eprintln!(
+            "{cases} mutated archives (seed {seed:#x}): {ok} imported, {refused} refused in {:?}",
+            t0.elapsed()
+        );
+    }
+
     #[test]
     fn pax_records_are_read_by_length() {
         let body = b"30 SCHILY.xattr.user.a=x\n22 y\n14 path=a\nb/c\n";
