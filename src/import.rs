@@ -3184,10 +3184,17 @@ mod tests {
         let seed = env("VOLFS_FUZZ_SEED", 0x9e37_79b9_7f4a_7c15) | 1;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let progress = done.clone();
+        // At most a few seconds (a slow debug build on a busy machine runs a prefix of the
+        // series; 500 cases at least).
+        let budget = std::time::Duration::from_secs(env("VOLFS_FUZZ_SECS", 4));
         let worker = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
             let mut rng = Rng(seed);
-            let (mut ok, mut refused) = (0u32, 0u32);
+            let (mut ok, mut refused) = (0u64, 0u64);
             for case in 0..cases {
+                if case >= 500 && started.elapsed() > budget {
+                    break;
+                }
                 let base = &bases[rng.below(bases.len())];
                 let (what, bytes) = mutate(base, &mut rng);
                 let (what, bytes) = if rng.below(3) == 0 {
@@ -3226,14 +3233,15 @@ mod tests {
             );
         }
         let (ok, refused) = worker.join().expect("no panic");
-        assert_eq!(u64::from(ok + refused), cases);
+        let ran = ok + refused;
+        assert!(ran >= cases.min(500), "only {ran} cases ran");
         // Both outcomes are exercised (a mutation in data or padding is harmless).
         assert!(
-            u64::from(ok) > cases / 20 && u64::from(refused) > cases / 5,
+            ok > ran / 20 && refused > ran / 5,
             "{ok} imported, {refused} refused"
         );
         eprintln!(
-            "{cases} mutated archives (seed {seed:#x}): {ok} imported, {refused} refused in {:?}",
+            "{ran} of {cases} mutated archives (seed {seed:#x}): {ok} imported, {refused} refused in {:?}",
             t0.elapsed()
         );
     }
