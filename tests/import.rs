@@ -624,3 +624,27 @@ fn hostile_pax_header_over_one_mib_is_refused_before_it_is_read() {
         ],
     );
 }
+
+#[test]
+fn a_refusal_is_answered_before_the_rest_of_a_large_archive_is_sent() {
+    // The first entry is refused; 64 MiB of data follow that the daemon never reads.
+    let mut a = Tar::default();
+    a.file("../first", b"evil");
+    a.file("big", &vec![7u8; 64 << 20]);
+    let archive = a.done();
+    let d = Daemon::start();
+    let t0 = std::time::Instant::now();
+    let o = import_from_pipe(&d, "early", archive);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("archive entry \"../first\": path leaves the volume"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(names(&d, &[]).is_empty());
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
