@@ -1,6 +1,8 @@
 //! The control protocol between `volfs` and `volfs-mountd` ("the documented JSON
 //! protocol"): one JSON request and one JSON response per connection, each a single line,
 //! over a unix socket (mode 0600, or 0660 for the group given by `--socket-group`).
+//! One request streams: after an `import` line the client sends the raw archive bytes and
+//! shuts down its write side; the answer comes once the archive is read (or refused).
 //!
 //! Every request is an object whose `op` names it; fields not listed are refused, as is a
 //! line over [`MAX_REQUEST`] bytes. Every response has `ok`; a failure carries `error` (what
@@ -18,6 +20,7 @@
 //! | `{"op":"prune","all":false}` | `pruned` |
 //! | `{"op":"mount","name":"data","path":"/mnt/d","read_only":false}` | none |
 //! | `{"op":"umount","path":"/mnt/d"}` | none |
+//! | `{"op":"import","name":"data","replace":false}` + archive bytes | `imported` |
 //! | `{"op":"version"}` | `version` |
 //! | `{"op":"info"}` | `info` |
 //! | `{"op":"shutdown"}` | none, once every mount is unmounted; the daemon then exits |
@@ -37,6 +40,16 @@
 //! - `prune`: removes unmounted anonymous volumes, or with `all` every unmounted volume.
 //! - `mount`: the directory must exist; a volume created `readonly=true` is mounted
 //!   read-only whatever `read_only` says. `mount` and `umount` answer `{"ok":true}`.
+//! - `import`: the request line is followed by a tar archive (plain, gzip or zstd: the
+//!   daemon detects which), then the client shuts down its write side (`shutdown(SHUT_WR)`)
+//!   and reads the answer. All or nothing: a volume that does not exist is created, hidden
+//!   until the whole archive is in (on any error nothing is left and the name stays free);
+//!   an existing volume must be empty unless `replace` (default false), and is then handed
+//!   to `Registry::import_into_existing`. Hostile entries (absolute paths, `..`, paths
+//!   through symlinks, hard links to anything but an earlier entry, duplicates, truncation,
+//!   bad checksums, absurd sizes…) are refused with an error naming the entry and the
+//!   reason; see `crate::import`. The daemon may answer (an error) before it has read
+//!   everything: a client keeps reading the answer when its writes fail.
 //!
 //! Limits: at most [`MAX_ENTRIES`] labels, options or filters; label keys up to 255 bytes,
 //! label and option values up to 4096; no control characters in labels; paths up to
@@ -59,6 +72,8 @@
 //! ```text
 //! ← {"ok":true,"removed":{"name":"data","unmounted":["/mnt/d"],"bytes":4096}}
 //! ← {"ok":true,"pruned":{"deleted":["0f3a…"],"bytes":1048576}}
+//! ← {"ok":true,"imported":{"volume":{"name":"data",…},"created":true,"files":12,"dirs":3,
+//!    "symlinks":1,"hardlinks":2,"others":0,"bytes":1048576}}
 //! ← {"ok":true,"version":{"version":"0.1.0","protocol":1}}
 //! ← {"ok":true,"info":{"version":"0.1.0","pid":812,"uptime_secs":3600,"root":"/var/lib/volfs",
 //!    "store_bytes":1048576,"volumes":3,"mounts":1}}
@@ -66,12 +81,14 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::import::ImportStats;
 
 /// Where the CLI and daemon meet unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/volfs/volfs.sock";
@@ -153,6 +170,12 @@ pub enum Request {
         snapshot: String,
         new: String,
     },
+    /// Followed by the archive's bytes on the same connection (see the module docs).
+    Import {
+        name: String,
+        #[serde(default)]
+        replace: bool,
+    },
     Version,
     Info,
     /// Unmount everything, stop the keeper and exit (the mount table is kept).
@@ -172,6 +195,7 @@ impl Request {
             | Request::SnapshotRm { .. }
             | Request::Rollback { .. }
             | Request::CloneVolume { .. } => Duration::from_secs(3600),
+            Request::Import { .. } => Duration::from_secs(24 * 3600),
             _ => Duration::from_secs(120),
         }
     }
@@ -307,6 +331,21 @@ pub struct Pruned {
     pub bytes: u64,
 }
 
+/// What `import` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Imported {
+    /// The volume, as `inspect` shows it (with its usage).
+    pub volume: VolumeInfo,
+    /// Whether the import created the volume.
+    pub created: bool,
+    /// With `replace`: the snapshot keeping what the volume held before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_snapshot: Option<String>,
+    /// What the archive held.
+    #[serde(flatten)]
+    pub stats: ImportStats,
+}
+
 /// The daemon's version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionInfo {
@@ -366,6 +405,7 @@ pub enum Reply {
     Volumes(Vec<VolumeInfo>),
     Removed(Removed),
     Pruned(Pruned),
+    Imported(Imported),
     Version(VersionInfo),
     Info(DaemonInfo),
     Snapshot(SnapshotInfo),
@@ -458,7 +498,48 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
 
 /// Sends one request to the daemon and waits for its answer.
 pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
-    let stream = UnixStream::connect(socket).map_err(|e| match e.raw_os_error() {
+    let stream = connect(socket)?;
+    send_line(&stream, req)?;
+    read_answer(&stream)
+}
+
+/// Sends a streaming request (`import`): the request line, then everything `body` holds,
+/// then the end of the stream (shutdown of the write side); then waits for the answer.
+/// When the daemon stops reading early (it refused the archive), its answer is still read.
+pub fn call_streaming(
+    socket: &Path,
+    req: &Request,
+    body: &mut dyn Read,
+) -> Result<Response, String> {
+    let stream = connect(socket)?;
+    send_line(&stream, req)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let sent = loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(format!("reading the archive to send: {e}")),
+        };
+        if let Err(e) = (&stream).write_all(&buf[..n]) {
+            // The daemon answered early and closed: its answer says why.
+            match read_answer(&stream) {
+                Ok(r) => return Ok(r),
+                Err(_) => return Err(format!("sending the archive to volfs-mountd: {e}")),
+            }
+        }
+    };
+    if let Err(e) = sent {
+        // Nothing more will come: the daemon sees a truncated archive and discards it.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return Err(e);
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    read_answer(&stream)
+}
+
+fn connect(socket: &Path) -> Result<UnixStream, String> {
+    UnixStream::connect(socket).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => format!(
             "volfs-mountd is not running (nothing answers on {}). Start it with \
              `volfs-mountd --root /var/lib/volfs &` (or `scripts/up`), or point \
@@ -474,14 +555,20 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
             "cannot connect to volfs-mountd at {}: {e}",
             socket.display()
         ),
-    })?;
+    })
+}
+
+fn send_line(stream: &UnixStream, req: &Request) -> Result<(), String> {
     let _ = stream.set_read_timeout(Some(req.timeout()));
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    (&stream)
+    (&*stream)
         .write_all(&line)
-        .map_err(|e| format!("sending the request to volfs-mountd: {e}"))?;
-    let mut reader = BufReader::new(&stream);
+        .map_err(|e| format!("sending the request to volfs-mountd: {e}"))
+}
+
+fn read_answer(stream: &UnixStream) -> Result<Response, String> {
+    let mut reader = BufReader::new(stream);
     let mut answer = String::new();
     reader
         .read_line(&mut answer)
@@ -523,6 +610,10 @@ mod tests {
                 force: true,
             },
             Request::Prune { all: true },
+            Request::Import {
+                name: "data".into(),
+                replace: true,
+            },
             Request::Df,
             Request::Version,
             Request::Info,

@@ -109,6 +109,20 @@ enum Cmd {
         target: String,
         new: String,
     },
+    /// Fill a volume from a tar archive (plain, gzip or zstd), all or nothing: a missing
+    /// volume is created; an existing one must be empty unless --replace. Entries that are
+    /// absolute, leave the volume (..), pass through a symlink, repeat an earlier entry,
+    /// hard-link outside the archive, or a truncated or corrupt archive are refused, naming
+    /// the entry, and nothing is imported.
+    Import {
+        name: String,
+        /// The archive; `-` reads standard input (not a terminal).
+        #[arg(value_name = "FILE|-", default_value = "-")]
+        file: PathBuf,
+        /// Swap the content of a non-empty volume for the archive's.
+        #[arg(long)]
+        replace: bool,
+    },
     /// Unmount everything and stop volfs-mountd (the next start mounts them again).
     Shutdown,
     /// Show the versions of this client and of the daemon.
@@ -287,6 +301,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 },
             )?;
         }
+        Cmd::Import {
+            name,
+            file,
+            replace,
+        } => import(socket, name, &file, replace)?,
         Cmd::Shutdown => {
             ask(socket, &Request::Shutdown)?;
         }
@@ -406,6 +425,73 @@ fn run(cli: Cli) -> Result<(), String> {
         },
     }
     Ok(())
+}
+
+/// `volfs import`: streams the archive to the daemon and prints what it imported.
+fn import(
+    socket: &std::path::Path,
+    name: String,
+    file: &std::path::Path,
+    replace: bool,
+) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let mut source: Box<dyn std::io::Read> = if file == std::path::Path::new("-") {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            return Err(
+                "refusing to read an archive from a terminal: give a FILE, or pipe one in \
+                 (`volfs import VOL - < data.tar`)"
+                    .into(),
+            );
+        }
+        Box::new(stdin.lock())
+    } else {
+        let f = std::fs::File::open(file)
+            .map_err(|e| format!("cannot open the archive {}: {e}", file.display()))?;
+        if f.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(format!(
+                "{} is a directory: import takes a tar archive (to copy a directory, use \
+                 `volfs create {name} --opt from={}`)",
+                file.display(),
+                file.display()
+            ));
+        }
+        Box::new(f)
+    };
+    let req = Request::Import {
+        name: name.clone(),
+        replace,
+    };
+    let Response { ok, error, reply } = api::call_streaming(socket, &req, &mut source)?;
+    if !ok {
+        return Err(error.unwrap_or_else(|| "import failed".into()));
+    }
+    match reply {
+        Some(Reply::Imported(i)) => {
+            let s = &i.stats;
+            let plural =
+                |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+            println!(
+                "imported {}, {}, {}, {}, {} ({}) into {}{}",
+                plural(s.files, "file", "files"),
+                plural(s.dirs, "dir", "dirs"),
+                plural(s.symlinks, "symlink", "symlinks"),
+                plural(s.hardlinks, "hard link", "hard links"),
+                plural(s.others, "other", "others"),
+                human_size(s.bytes),
+                i.volume.name,
+                if i.created { " (created)" } else { "" }
+            );
+            if let Some(k) = &i.kept_snapshot {
+                println!(
+                    "the previous content is snapshot {}@{k} (undo with `volfs rollback {}@{k}`)",
+                    i.volume.name, i.volume.name
+                );
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
 }
 
 fn to_json<T: Serialize>(v: &T, pretty: bool) -> Result<String, String> {

@@ -10,6 +10,7 @@
 //! with `force`) or finds no volume.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -17,10 +18,11 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    self, DaemonInfo, LsFilters, MountInfo, Pruned, Removed, Reply, Request, Response, RolledBack,
-    SnapshotInfo, UsageInfo, VersionInfo, VolumeInfo,
+    self, DaemonInfo, Imported, LsFilters, MountInfo, Pruned, Removed, Reply, Request, Response,
+    RolledBack, SnapshotInfo, UsageInfo, VersionInfo, VolumeInfo,
 };
 use crate::fs::{self, Gate, MountSpec, Mounted};
+use crate::import::ImportStats;
 use crate::keeper::{HeldMount, Keeper};
 use crate::store::{MountRecord, Store, Timestamp, VolumeRecord};
 use crate::vfs::{FileSystem, SledFs};
@@ -322,6 +324,21 @@ fn differences(
     out
 }
 
+fn log_import(name: &str, stats: &ImportStats, t0: Instant, created: bool) {
+    tracing::info!(
+        volume = name,
+        created,
+        files = stats.files,
+        dirs = stats.dirs,
+        symlinks = stats.symlinks,
+        hardlinks = stats.hardlinks,
+        others = stats.others,
+        bytes = stats.bytes,
+        secs = t0.elapsed().as_secs_f64(),
+        "imported an archive"
+    );
+}
+
 /// Bytes allocated on the host for the files under `dir` (recursively).
 fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -603,10 +620,20 @@ impl Registry {
             Request::Info => self.daemon_info().map(|i| Some(Reply::Info(i))),
             // The daemon's control loop does this itself: it must exit afterwards.
             Request::Shutdown => Err("shutdown is handled by the daemon's control loop".into()),
+            // The archive follows the request on its connection: see `handle_import`.
+            Request::Import { .. } => Err("import is handled by the daemon's control loop".into()),
         };
         match r {
             Ok(Some(reply)) => Response::reply(reply),
             Ok(None) => Response::ok(),
+            Err(e) => Response::err(e),
+        }
+    }
+
+    /// Answers an `import` request whose archive is read from `source`.
+    pub fn handle_import(&self, name: &str, replace: bool, source: &mut dyn Read) -> Response {
+        match self.import(name, replace, source) {
+            Ok(i) => Response::reply(Reply::Imported(i)),
             Err(e) => Response::err(e),
         }
     }
@@ -676,6 +703,38 @@ impl Registry {
         if let Some(rec) = self.record(&name)? {
             return self.existing(&name, &rec, labels, options);
         }
+        let created = self.create_hidden(&name, labels, options, anonymous, |id| {
+            self.build(id, &name, &opts)
+        })?;
+        match created {
+            Ok((rec, ())) => {
+                tracing::info!(
+                    volume = name,
+                    id = rec.id,
+                    ?options,
+                    ?labels,
+                    "created volume"
+                );
+                Ok(self.info(&name, &rec))
+            }
+            // Another create of the same name came first: that one stands.
+            Err(winner) => self.existing(&name, &winner, labels, options),
+        }
+    }
+
+    /// Creates volume `name` with what `fill` writes into its new id, hidden until complete:
+    /// the id is doomed (purged after a failure or a crash) until its content is durable and
+    /// the name is registered in one step with lifting the mark. On a failure nothing is
+    /// left. Returns the new record and what `fill` returned, or the record of a volume of
+    /// that name another request created meanwhile (and nothing of this one is left).
+    fn create_hidden<T>(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        options: &BTreeMap<String, String>,
+        anonymous: bool,
+        fill: impl FnOnce(u64) -> Result<T, String>,
+    ) -> Result<Result<(VolumeRecord, T), VolumeRecord>, String> {
         let id = self
             .store
             .db
@@ -684,18 +743,22 @@ impl Registry {
             + 1;
         // Doomed until registered: a failure or a crash from here on leaves only a mark
         // that gets the id's keys purged.
-        self.store.begin_create(id, &name)?;
+        self.store.begin_create(id, name)?;
         // The content is durable before a name points at it (and a crash from here on
         // leaves a doomed mark that is sure to be found).
-        let built = self.build(id, &name, &opts).and_then(|()| {
+        let built = fill(id).and_then(|t| {
             self.store
                 .sync()
                 .map_err(|e| format!("making volume {name} durable: {e}"))
+                .map(|()| t)
         });
-        if let Err(e) = built {
-            self.discard(id, &name);
-            return Err(e);
-        }
+        let filled = match built {
+            Ok(t) => t,
+            Err(e) => {
+                self.discard(id, name);
+                return Err(e);
+            }
+        };
         failpoint("create-before-register");
         let rec = VolumeRecord {
             version: 1,
@@ -707,18 +770,106 @@ impl Registry {
         };
         let registered = self
             .store
-            .register(&name, &rec)
-            .inspect_err(|_| self.discard(id, &name))?;
+            .register(name, &rec)
+            .inspect_err(|_| self.discard(id, name))?;
         if let Some(winner) = registered {
-            // Another create of the same name came first: that one stands.
-            self.discard(id, &name);
-            return self.existing(&name, &winner, labels, options);
+            self.discard(id, name);
+            return Ok(Err(winner));
         }
         self.store
             .sync()
             .map_err(|e| format!("making volume {name} durable: {e}"))?;
-        tracing::info!(volume = name, id, ?options, ?labels, "created volume");
-        Ok(self.info(&name, &rec))
+        Ok(Ok((rec, filled)))
+    }
+
+    /// Fills volume `name` from the tar archive `source` (plain, gzip or zstd), all or
+    /// nothing. A volume that does not exist is created (no labels or options), hidden
+    /// until the whole archive is in, as `create` with `from=` does: on any error nothing
+    /// is left and the name stays free. An existing volume must be empty unless `replace`;
+    /// then [`Registry::import_into_existing`] does the work. Hostile archives are refused
+    /// naming the entry and the reason (see [`crate::import`]).
+    pub fn import(
+        &self,
+        name: &str,
+        replace: bool,
+        source: &mut dyn Read,
+    ) -> Result<Imported, String> {
+        validate_name(name)?;
+        let t0 = Instant::now();
+        if self.record(name)?.is_some() {
+            if !replace {
+                let (fs, _) = self.volume_fs(name, false)?;
+                let empty = crate::import::is_empty_dir(&fs, crate::store::ROOT_INO)
+                    .map_err(|e| format!("volume {name}: {e}"))?;
+                if !empty {
+                    return Err(format!(
+                        "volume {name} is not empty: use --replace to swap its content for the archive's"
+                    ));
+                }
+            }
+            let (stats, kept) = self
+                .import_into_existing(name, source, replace)
+                .map_err(|e| {
+                    format!("import into volume {name}: {e} (the volume was not changed)")
+                })?;
+            log_import(name, &stats, t0, false);
+            let volume = self.inspect(name)?;
+            return Ok(Imported {
+                volume,
+                created: false,
+                kept_snapshot: kept,
+                stats,
+            });
+        }
+        let none = BTreeMap::new();
+        let created = self
+            .create_hidden(name, &none, &none, false, |id| {
+                SledFs::init_volume(&self.store, id, 0, 0, 0o755)
+                    .map_err(|e| format!("creating volume {name}: {e}"))?;
+                let fs = SledFs::open(self.store.clone(), id, name)
+                    .map_err(|e| format!("opening new volume {name}: {e}"))?;
+                crate::import::import_archive(&fs, crate::store::ROOT_INO, source)
+            })
+            .map_err(|e| {
+                format!("import into volume {name}: {e} (nothing was imported: volume {name} was not created)")
+            })?;
+        match created {
+            Ok((rec, stats)) => {
+                log_import(name, &stats, t0, true);
+                tracing::info!(volume = name, id = rec.id, "created volume by import");
+                let volume = self.inspect(name)?;
+                Ok(Imported {
+                    volume,
+                    created: true,
+                    kept_snapshot: None,
+                    stats,
+                })
+            }
+            Err(_) => Err(format!(
+                "import into volume {name}: another request created volume {name} while the \
+                 archive was read; nothing was imported (import again: an empty volume can be \
+                 filled)"
+            )),
+        }
+    }
+
+    /// Imports the archive `source` into the existing volume `name`, which is empty or,
+    /// with `replace`, may hold anything: the seam for snapshots. The intended design:
+    /// import into a hidden staging directory of the volume (with
+    /// [`crate::import::import_archive`], which takes the directory to fill), then swap it
+    /// with the volume's content atomically, keeping the old content as a snapshot; on any
+    /// error the volume is exactly as before. Mounts of the volume, `readonly=true` and the
+    /// quota are this method's to handle. [`Registry::import`] has checked the name, that
+    /// the volume exists, and that it is empty unless `replace`.
+    pub fn import_into_existing(
+        &self,
+        name: &str,
+        source: &mut dyn Read,
+        replace: bool,
+    ) -> Result<(ImportStats, Option<String>), String> {
+        self.import_into_existing_with(name, replace, |fs| {
+            crate::import::import_archive(fs, crate::store::ROOT_INO, source)
+        })
     }
 
     /// The answer to creating a volume that exists.
@@ -1609,12 +1760,12 @@ impl Registry {
     /// all or nothing: on any error the volume is as before. Without `replace` the
     /// volume must be empty; with it, its content is swapped for the new one in one
     /// commit and kept as snapshot `before-import-TIME`, whose name is returned.
-    pub fn import_into_existing_with(
+    fn import_into_existing_with(
         &self,
         name: &str,
         replace: bool,
-        fill: impl FnOnce(&SledFs) -> Result<crate::import::ImportStats, String>,
-    ) -> Result<(crate::import::ImportStats, Option<String>), String> {
+        fill: impl FnOnce(&SledFs) -> Result<ImportStats, String>,
+    ) -> Result<(ImportStats, Option<String>), String> {
         let rec = self.existing_record(name)?;
         let empty = self
             .store

@@ -8,6 +8,7 @@ mod util;
 mod docker;
 mod durability;
 mod faults;
+mod import;
 mod integrity;
 mod lifecycle;
 mod multimount;

@@ -290,6 +290,11 @@ impl SledFs {
             .store(limit.unwrap_or(NO_LIMIT), Ordering::Relaxed);
     }
 
+    /// The directory holding the store's files (for the size of its disk).
+    pub fn store_dir(&self) -> std::path::PathBuf {
+        self.store.dir()
+    }
+
     /// The quota, if any.
     pub fn limit(&self) -> Option<u64> {
         Some(self.limit.load(Ordering::Relaxed)).filter(|l| *l != NO_LIMIT)
