@@ -2407,12 +2407,21 @@ mod tests {
             all.push((depth, path));
         }
         all.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        // A symlink's atime is set ahead of now: reading a link has no O_NOATIME, and
+        // relatime leaves an atime alone only when it is later than mtime and ctime.
+        let ahead = crate::store::Timestamp::now().secs + 3600;
         for (i, (_, path)) in all.iter().enumerate() {
             let i = i as i64;
+            let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+            let atime = if is_link {
+                ahead + i
+            } else {
+                1_500_000_000 + i * 1000
+            };
             utimensat(
                 None,
                 path,
-                &ts(1_500_000_000 + i * 1000, (i * 7_919) % 1_000_000_000 + 1),
+                &ts(atime, (i * 7_919) % 1_000_000_000 + 1),
                 &ts(1_600_000_000 + i * 1000, 999_999_999 - i),
                 UtimensatFlags::NoFollowSymlink,
             )
