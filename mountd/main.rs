@@ -208,8 +208,13 @@ fn bind(socket: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixLi
 /// Answers one control connection. `sockets` are removed before a shutdown.
 fn serve(registry: &Registry, stream: UnixStream, sockets: &[PathBuf], plugin: Option<&Plugin>) {
     let mut line = Vec::new();
-    let mut reader = BufReader::new((&stream).take(api::MAX_REQUEST as u64 + 1));
-    let response = match reader.read_until(b'\n', &mut line) {
+    // The request line is read through a limit; for `import` the archive follows it, and
+    // the reader (with what it buffered past the line) is its source.
+    let mut reader = BufReader::new(&stream);
+    let read = (&mut reader)
+        .take(api::MAX_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut line);
+    let response = match read {
         Ok(_) => match api::decode_request(line.trim_ascii()) {
             Ok(api::Request::Shutdown) => {
                 tracing::info!("shutdown requested: unmounting everything");
@@ -226,6 +231,10 @@ fn serve(registry: &Registry, stream: UnixStream, sockets: &[PathBuf], plugin: O
             }
             Ok(api::Request::Export { name, snapshot }) => {
                 return serve_export(registry, &stream, &name, snapshot.as_deref());
+            }
+            Ok(api::Request::Import { name, replace }) => {
+                tracing::debug!(volume = name, replace, "control request: import");
+                registry.handle_import(&name, replace, &mut reader)
             }
             Ok(req) => {
                 tracing::debug!(?req, "control request");

@@ -1,7 +1,9 @@
 //! The control protocol between `volfs` and `volfs-mountd` ("the documented JSON
 //! protocol"): one JSON request and one JSON response per connection, each a single line,
-//! over a unix socket (mode 0600, or 0660 for the group given by `--socket-group`); only
-//! `export` sends more after its answer (the archive, then a status line: see below).
+//! over a unix socket (mode 0600, or 0660 for the group given by `--socket-group`).
+//! Two requests stream: after an `import` line the client sends the raw archive bytes and
+//! shuts down its write side, and the answer comes once the archive is read (or refused);
+//! an `export` answer is followed by the archive and a status line (see below).
 //!
 //! Every request is an object whose `op` names it; fields not listed are refused, as is a
 //! line over [`MAX_REQUEST`] bytes. Every response has `ok`; a failure carries `error` (what
@@ -19,6 +21,7 @@
 //! | `{"op":"prune","all":false}` | `pruned` |
 //! | `{"op":"mount","name":"data","path":"/mnt/d","read_only":false}` | none |
 //! | `{"op":"umount","path":"/mnt/d"}` | none |
+//! | `{"op":"import","name":"data","replace":false}` + archive bytes | `imported` |
 //! | `{"op":"version"}` | `version` |
 //! | `{"op":"info"}` | `info` |
 //! | `{"op":"shutdown"}` | none, once every mount is unmounted; the daemon then exits |
@@ -39,6 +42,16 @@
 //! - `prune`: removes unmounted anonymous volumes, or with `all` every unmounted volume.
 //! - `mount`: the directory must exist; a volume created `readonly=true` is mounted
 //!   read-only whatever `read_only` says. `mount` and `umount` answer `{"ok":true}`.
+//! - `import`: the request line is followed by a tar archive (plain, gzip or zstd: the
+//!   daemon detects which), then the client shuts down its write side (`shutdown(SHUT_WR)`)
+//!   and reads the answer. All or nothing: a volume that does not exist is created, hidden
+//!   until the whole archive is in (on any error nothing is left and the name stays free);
+//!   an existing volume must be empty unless `replace` (default false), and is then handed
+//!   to `Registry::import_into_existing`. Hostile entries (absolute paths, `..`, paths
+//!   through symlinks, hard links to anything but an earlier entry, duplicates, truncation,
+//!   bad checksums, absurd sizes…) are refused with an error naming the entry and the
+//!   reason; see `crate::import`. The daemon may answer (an error) before it has read
+//!   everything: a client keeps reading the answer when its writes fail.
 //! - `export`: the volume as a pax tar archive (`crate::export`); `snapshot` (default null)
 //!   names a snapshot of it instead (refused for now: "snapshots are not supported yet").
 //!   The only streaming request: a failure before the first byte is an ordinary answer
@@ -70,6 +83,8 @@
 //! ```text
 //! ← {"ok":true,"removed":{"name":"data","unmounted":["/mnt/d"],"bytes":4096}}
 //! ← {"ok":true,"pruned":{"deleted":["0f3a…"],"bytes":1048576}}
+//! ← {"ok":true,"imported":{"volume":{"name":"data",…},"created":true,"files":12,"dirs":3,
+//!    "symlinks":1,"hardlinks":2,"others":0,"bytes":1048576}}
 //! ← {"ok":true,"version":{"version":"0.1.0","protocol":1}}
 //! ← {"ok":true,"info":{"version":"0.1.0","pid":812,"uptime_secs":3600,"root":"/var/lib/volfs",
 //!    "store_bytes":1048576,"volumes":3,"mounts":1}}
@@ -83,6 +98,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::import::ImportStats;
 
 /// Where the CLI and daemon meet unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/volfs/volfs.sock";
@@ -136,6 +153,42 @@ pub enum Request {
     Umount {
         path: PathBuf,
     },
+    /// Takes a snapshot of volume `name` (default name: the UTC time).
+    #[serde(rename = "snapshot_create")]
+    SnapshotCreate {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<String>,
+    },
+    #[serde(rename = "snapshot_ls")]
+    SnapshotLs {
+        name: String,
+    },
+    #[serde(rename = "snapshot_rm")]
+    SnapshotRm {
+        name: String,
+        snapshot: String,
+    },
+    /// Makes volume `name` what snapshot `snapshot` holds.
+    Rollback {
+        name: String,
+        snapshot: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// A new volume `new` holding what snapshot `snapshot` of `name` holds.
+    #[serde(rename = "clone")]
+    CloneVolume {
+        name: String,
+        snapshot: String,
+        new: String,
+    },
+    /// Followed by the archive's bytes on the same connection (see the module docs).
+    Import {
+        name: String,
+        #[serde(default)]
+        replace: bool,
+    },
     Version,
     Info,
     /// Unmount everything, stop the keeper and exit (the mount table is kept).
@@ -156,7 +209,12 @@ impl Request {
             Request::Create { options, .. } if options.contains_key("from") => {
                 Duration::from_secs(24 * 3600)
             }
-            Request::Rm { .. } | Request::Prune { .. } => Duration::from_secs(3600),
+            Request::Rm { .. }
+            | Request::Prune { .. }
+            | Request::SnapshotRm { .. }
+            | Request::Rollback { .. }
+            | Request::CloneVolume { .. } => Duration::from_secs(3600),
+            Request::Import { .. } => Duration::from_secs(24 * 3600),
             // Per frame: the daemon sends one as soon as it has read a frame's worth.
             Request::Export { .. } => Duration::from_secs(600),
             _ => Duration::from_secs(120),
@@ -241,6 +299,9 @@ impl LsFilters {
 pub struct MountInfo {
     pub path: PathBuf,
     pub read_only: bool,
+    /// The snapshot this mount shows, when it is one (`volfs mount VOL@SNAP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// What a volume holds.
@@ -291,6 +352,21 @@ pub struct Pruned {
     pub bytes: u64,
 }
 
+/// What `import` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Imported {
+    /// The volume, as `inspect` shows it (with its usage).
+    pub volume: VolumeInfo,
+    /// Whether the import created the volume.
+    pub created: bool,
+    /// With `replace`: the snapshot keeping what the volume held before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_snapshot: Option<String>,
+    /// What the archive held.
+    #[serde(flatten)]
+    pub stats: ImportStats,
+}
+
 /// The daemon's version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionInfo {
@@ -312,6 +388,36 @@ pub struct DaemonInfo {
     pub mounts: u64,
 }
 
+/// A snapshot as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    /// When it was taken: seconds since the epoch, and nanoseconds.
+    pub created: i64,
+    pub created_nanos: u32,
+    /// Bytes stored and inodes of the volume at that instant.
+    pub bytes: u64,
+    pub inodes: u64,
+    /// `snapshot_create`: how long writers were held, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_us: Option<u64>,
+    /// `snapshot_rm`: chunk bytes only this snapshot held, now freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freed_bytes: Option<u64>,
+}
+
+/// What `rollback` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub volume: String,
+    pub snapshot: String,
+    /// Keys of the store written or deleted.
+    pub changed_keys: u64,
+    /// File bytes copied back from the snapshot.
+    pub copied_bytes: u64,
+}
+
 /// The payload of a successful answer, one field named after the variant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -320,8 +426,13 @@ pub enum Reply {
     Volumes(Vec<VolumeInfo>),
     Removed(Removed),
     Pruned(Pruned),
+    Imported(Imported),
     Version(VersionInfo),
     Info(DaemonInfo),
+    Snapshot(SnapshotInfo),
+    Snapshots(Vec<SnapshotInfo>),
+    #[serde(rename = "rolled_back")]
+    RolledBack(RolledBack),
 }
 
 /// The daemon's answer.
@@ -406,6 +517,48 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
     Ok(req)
 }
 
+/// Sends one request to the daemon and waits for its answer.
+pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
+    let stream = connect(socket)?;
+    send_line(&stream, req)?;
+    read_answer(&stream)
+}
+
+/// Sends a streaming request (`import`): the request line, then everything `body` holds,
+/// then the end of the stream (shutdown of the write side); then waits for the answer.
+/// When the daemon stops reading early (it refused the archive), its answer is still read.
+pub fn call_streaming(
+    socket: &Path,
+    req: &Request,
+    body: &mut dyn Read,
+) -> Result<Response, String> {
+    let stream = connect(socket)?;
+    send_line(&stream, req)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let sent = loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(format!("reading the archive to send: {e}")),
+        };
+        if let Err(e) = (&stream).write_all(&buf[..n]) {
+            // The daemon answered early and closed: its answer says why.
+            match read_answer(&stream) {
+                Ok(r) => return Ok(r),
+                Err(_) => return Err(format!("sending the archive to volfs-mountd: {e}")),
+            }
+        }
+    };
+    if let Err(e) = sent {
+        // Nothing more will come: the daemon sees a truncated archive and discards it.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return Err(e);
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    read_answer(&stream)
+}
+
 fn connect(socket: &Path) -> Result<UnixStream, String> {
     UnixStream::connect(socket).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => format!(
@@ -426,20 +579,20 @@ fn connect(socket: &Path) -> Result<UnixStream, String> {
     })
 }
 
-/// Sends `req` on a new connection and reads the answer line.
-fn request(socket: &Path, req: &Request) -> Result<(Response, BufReader<UnixStream>), String> {
-    let stream = connect(socket)?;
+fn send_line(stream: &UnixStream, req: &Request) -> Result<(), String> {
     let _ = stream.set_read_timeout(Some(req.timeout()));
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    (&stream)
+    (&*stream)
         .write_all(&line)
-        .map_err(|e| format!("sending the request to volfs-mountd: {e}"))?;
-    let mut reader = BufReader::new(stream);
-    let response = read_response(&mut reader)?;
-    Ok((response, reader))
+        .map_err(|e| format!("sending the request to volfs-mountd: {e}"))
 }
 
+fn read_answer(stream: &UnixStream) -> Result<Response, String> {
+    read_response(&mut BufReader::new(stream))
+}
+
+/// Reads one answer line; `reader` keeps what follows it (an export's archive).
 fn read_response(reader: &mut impl BufRead) -> Result<Response, String> {
     let mut answer = String::new();
     reader
@@ -451,11 +604,6 @@ fn read_response(reader: &mut impl BufRead) -> Result<Response, String> {
     serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from volfs-mountd: {e}"))
 }
 
-/// Sends one request to the daemon and waits for its answer.
-pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
-    request(socket, req).map(|(r, _)| r)
-}
-
 /// An export the daemon accepted: the archive follows.
 pub struct ExportStream {
     reader: BufReader<UnixStream>,
@@ -463,7 +611,10 @@ pub struct ExportStream {
 
 /// Sends an `export` request; the daemon's refusal is the error.
 pub fn start_export(socket: &Path, req: &Request) -> Result<ExportStream, String> {
-    let (response, reader) = request(socket, req)?;
+    let stream = connect(socket)?;
+    send_line(&stream, req)?;
+    let mut reader = BufReader::new(stream);
+    let response = read_response(&mut reader)?;
     if !response.ok {
         return Err(response
             .error
@@ -622,6 +773,10 @@ mod tests {
                 force: true,
             },
             Request::Prune { all: true },
+            Request::Import {
+                name: "data".into(),
+                replace: true,
+            },
             Request::Df,
             Request::Version,
             Request::Info,
@@ -723,6 +878,7 @@ mod tests {
                 vec![MountInfo {
                     path: "/m".into(),
                     read_only: false,
+                    snapshot: None,
                 }]
             } else {
                 vec![]

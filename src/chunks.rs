@@ -35,7 +35,7 @@ const PTR_VERSION: u8 = 1;
 const GC_LIVE_RATIO: f64 = 0.5;
 
 /// Where one chunk version lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChunkPtr {
     pub seg: u64,
     /// Offset of the chunk's bytes (after the record header).

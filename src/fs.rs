@@ -312,6 +312,28 @@ impl Peers {
         }
     }
 
+    /// The volume's content was replaced underneath (rollback, restore): every present
+    /// mount's kernel drops its names, attributes and pages. Not for request threads: a
+    /// page invalidation waits for reads in flight.
+    pub fn invalidate_all(&self, all_inodes: impl Fn() -> Vec<u64>) {
+        let present: Vec<Arc<MountState>> = lock(&self.mounts).clone();
+        for m in present {
+            if let Err(e) = m.notify_raw(FUSE_NOTIFY_INC_EPOCH) {
+                tracing::warn!("dropping cached names of a mount failed: {e}");
+            }
+            let Some(n) = m.notifier.get() else { continue };
+            let mut inos = if m.resumed {
+                all_inodes()
+            } else {
+                m.known_inodes()
+            };
+            inos.push(crate::store::ROOT_INO);
+            for ino in inos {
+                let _ = n.inval_inode(INodeNo(ino), 0, 0);
+            }
+        }
+    }
+
     fn join(&self, m: Arc<MountState>) {
         let mut l = lock(&self.mounts);
         l.push(m);

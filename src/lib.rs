@@ -16,6 +16,7 @@ pub mod fs;
 pub mod import;
 pub mod keeper;
 pub mod plugin;
+pub mod snap;
 pub mod store;
 pub mod units;
 pub mod vfs;

@@ -93,6 +93,38 @@ enum Cmd {
     },
     /// Unmount a volfs mountpoint.
     Umount { path: PathBuf },
+    /// Take, list and remove snapshots: a volume's whole content at one instant.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Make a volume hold again what one of its snapshots holds (all snapshots stay).
+    Rollback {
+        /// VOL@SNAP
+        target: String,
+        /// Even while the volume is mounted writable: programs using it see its content
+        /// change under them.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Create a new volume holding what a snapshot holds.
+    Clone {
+        /// VOL@SNAP
+        target: String,
+        new: String,
+    },
+    /// Fill a volume from a tar archive (plain, gzip or zstd), all or nothing: a missing
+    /// volume is created; an existing one must be empty unless --replace. Entries that are
+    /// absolute, leave the volume (..), pass through a symlink, repeat an earlier entry,
+    /// hard-link outside the archive, or a truncated or corrupt archive are refused, naming
+    /// the entry, and nothing is imported.
+    Import {
+        name: String,
+        /// The archive; `-` reads standard input (not a terminal).
+        #[arg(value_name = "FILE|-", default_value = "-")]
+        file: PathBuf,
+        /// Swap the content of a non-empty volume for the archive's.
+        #[arg(long)]
+        replace: bool,
+    },
     /// Unmount everything and stop volfs-mountd (the next start mounts them again).
     Shutdown,
     /// Show the versions of this client and of the daemon.
@@ -121,6 +153,37 @@ enum Cmd {
 enum Compress {
     Zstd,
     Gzip,
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Take a snapshot of a volume and print its name (default: the UTC time,
+    /// YYYYMMDD-HHMMSS). Copies nothing: writers wait only while it is recorded.
+    Create {
+        volume: String,
+        name: Option<String>,
+    },
+    /// List the snapshots of a volume, oldest first.
+    Ls {
+        volume: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Remove snapshots (VOL@SNAP) and free the space only they hold.
+    Rm {
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+}
+
+/// `VOL@SNAP` split in two, or an error saying what is expected.
+fn snapshot_target(target: &str) -> Result<(String, String), String> {
+    match target.split_once('@') {
+        Some((v, s)) if !v.is_empty() && !s.is_empty() => Ok((v.to_string(), s.to_string())),
+        _ => Err(format!(
+            "{target:?} does not name a snapshot: write VOLUME@SNAPSHOT (see `volfs snapshot ls VOLUME`)"
+        )),
+    }
 }
 
 fn main() {
@@ -259,8 +322,98 @@ fn run(cli: Cli) -> Result<(), String> {
                 },
             )?;
         }
+        Cmd::Import {
+            name,
+            file,
+            replace,
+        } => import(socket, name, &file, replace)?,
         Cmd::Shutdown => {
             ask(socket, &Request::Shutdown)?;
+        }
+        Cmd::Snapshot(SnapshotCmd::Create { volume, name }) => {
+            let req = Request::SnapshotCreate {
+                name: volume,
+                snapshot: name,
+            };
+            match ask(socket, &req)? {
+                Some(Reply::Snapshot(s)) => println!("{}@{}", s.volume, s.name),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Cmd::Snapshot(SnapshotCmd::Ls { volume, format }) => {
+            let list = match ask(socket, &Request::SnapshotLs { name: volume })? {
+                Some(Reply::Snapshots(l)) => l,
+                other => return Err(unexpected(other)),
+            };
+            if format == Format::Json {
+                for s in &list {
+                    println!("{}", to_json(s, false)?);
+                }
+            } else {
+                let width = list.iter().map(|s| s.name.len()).max().unwrap_or(0).max(8);
+                println!(
+                    "{:width$}  {:20}  {:>10}  {:>8}",
+                    "SNAPSHOT", "CREATED", "SIZE", "INODES"
+                );
+                for s in &list {
+                    println!(
+                        "{:width$}  {:20}  {:>10}  {:>8}",
+                        s.name,
+                        rfc3339(s.created),
+                        human_size(s.bytes),
+                        s.inodes
+                    );
+                }
+            }
+        }
+        Cmd::Snapshot(SnapshotCmd::Rm { targets }) => {
+            let mut failed = false;
+            for t in targets {
+                let r = snapshot_target(&t).and_then(|(name, snapshot)| {
+                    ask(socket, &Request::SnapshotRm { name, snapshot })
+                });
+                match r {
+                    Ok(Some(Reply::Snapshot(s))) => println!("{}@{}", s.volume, s.name),
+                    Ok(other) => return Err(unexpected(other)),
+                    Err(e) => {
+                        eprintln!("volfs: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Err(String::new());
+            }
+        }
+        Cmd::Rollback { target, force } => {
+            let (name, snapshot) = snapshot_target(&target)?;
+            let req = Request::Rollback {
+                name,
+                snapshot,
+                force,
+            };
+            match ask(socket, &req)? {
+                Some(Reply::RolledBack(r)) => println!(
+                    "rolled {} back to {}@{} ({} copied back)",
+                    r.volume,
+                    r.volume,
+                    r.snapshot,
+                    human_size(r.copied_bytes)
+                ),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Cmd::Clone { target, new } => {
+            let (name, snapshot) = snapshot_target(&target)?;
+            let req = Request::CloneVolume {
+                name,
+                snapshot,
+                new,
+            };
+            match ask(socket, &req)? {
+                Some(Reply::Volume(v)) => println!("{}", v.name),
+                other => return Err(unexpected(other)),
+            }
         }
         Cmd::Version => {
             println!("Client version:  {}", env!("CARGO_PKG_VERSION"));
@@ -523,6 +676,73 @@ fn copy_export(
     Ok(())
 }
 
+/// `volfs import`: streams the archive to the daemon and prints what it imported.
+fn import(
+    socket: &std::path::Path,
+    name: String,
+    file: &std::path::Path,
+    replace: bool,
+) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let mut source: Box<dyn std::io::Read> = if file == std::path::Path::new("-") {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            return Err(
+                "refusing to read an archive from a terminal: give a FILE, or pipe one in \
+                 (`volfs import VOL - < data.tar`)"
+                    .into(),
+            );
+        }
+        Box::new(stdin.lock())
+    } else {
+        let f = std::fs::File::open(file)
+            .map_err(|e| format!("cannot open the archive {}: {e}", file.display()))?;
+        if f.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(format!(
+                "{} is a directory: import takes a tar archive (to copy a directory, use \
+                 `volfs create {name} --opt from={}`)",
+                file.display(),
+                file.display()
+            ));
+        }
+        Box::new(f)
+    };
+    let req = Request::Import {
+        name: name.clone(),
+        replace,
+    };
+    let Response { ok, error, reply } = api::call_streaming(socket, &req, &mut source)?;
+    if !ok {
+        return Err(error.unwrap_or_else(|| "import failed".into()));
+    }
+    match reply {
+        Some(Reply::Imported(i)) => {
+            let s = &i.stats;
+            let plural =
+                |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+            println!(
+                "imported {}, {}, {}, {}, {} ({}) into {}{}",
+                plural(s.files, "file", "files"),
+                plural(s.dirs, "dir", "dirs"),
+                plural(s.symlinks, "symlink", "symlinks"),
+                plural(s.hardlinks, "hard link", "hard links"),
+                plural(s.others, "other", "others"),
+                human_size(s.bytes),
+                i.volume.name,
+                if i.created { " (created)" } else { "" }
+            );
+            if let Some(k) = &i.kept_snapshot {
+                println!(
+                    "the previous content is snapshot {}@{k} (undo with `volfs rollback {}@{k}`)",
+                    i.volume.name, i.volume.name
+                );
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 fn to_json<T: Serialize>(v: &T, pretty: bool) -> Result<String, String> {
     let r = if pretty {
         serde_json::to_string_pretty(v)
@@ -604,9 +824,10 @@ fn print_ls(vols: &[VolumeInfo], format: Format, quiet: bool) -> Result<(), Stri
         let mounts: Vec<String> = v
             .mounts
             .iter()
-            .map(|m| {
-                let ro = if m.read_only { " (ro)" } else { "" };
-                format!("{}{ro}", m.path.display())
+            .map(|m| match (&m.snapshot, m.read_only) {
+                (Some(s), _) => format!("{} (ro, @{s})", m.path.display()),
+                (None, true) => format!("{} (ro)", m.path.display()),
+                (None, false) => m.path.display().to_string(),
             })
             .collect();
         println!("{:width$}  {}", v.name, mounts.join(", "));

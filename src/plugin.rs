@@ -60,7 +60,7 @@ use serde_json::{Value, json};
 
 use crate::api::{self, LsFilters, VolumeInfo};
 use crate::units::{human_size, rfc3339};
-use crate::volume::{Registry, is_volfs_mount, validate_name};
+use crate::volume::{Registry, is_volfs_mount, split_target, validate_target};
 
 /// Where dockerd looks for the `volfs` driver.
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/volfs.sock";
@@ -361,7 +361,7 @@ fn check_id(id: &str) -> Result<(), (u16, String)> {
 }
 
 fn check_name(name: &str) -> Result<(), (u16, String)> {
-    validate_name(name).map_err(|e| (400, e))
+    validate_target(name).map_err(|e| (400, e))
 }
 
 /// Decodes a request into a call: the endpoint, its JSON body and the checks every call
@@ -702,6 +702,18 @@ impl Plugin {
     fn create(&self, name: &str, opts: &BTreeMap<String, String>) -> Result<(), String> {
         let l = self.volume_lock(name);
         let _g = lock(&l);
+        if let (vol, Some(snap)) = split_target(name) {
+            // `VOL@SNAP` names an existing snapshot: dockerd creates it on first use.
+            if !opts.is_empty() {
+                return Err(format!("{name} names a snapshot: it takes no options"));
+            }
+            return match self.registry.get(name, false)? {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "no such snapshot: {vol}@{snap} (take it with `volfs snapshot create {vol} {snap}`)"
+                )),
+            };
+        }
         if self.registry.get(name, false)?.is_none() {
             // Left by a volume of this name removed behind Docker's back (`volfs rm`).
             self.drop_references(name)?;
@@ -723,7 +735,10 @@ impl Plugin {
         if let Some(p) = self.live_mountpoint(name) {
             self.registry.umount(&p)?;
         }
-        self.registry.remove(name, false)?;
+        // Docker forgets a snapshot's name; the snapshot stays (`volfs snapshot rm`).
+        if split_target(name).1.is_none() {
+            self.registry.remove(name, false)?;
+        }
         let _ = std::fs::remove_dir(self.mountpoint(name));
         // Forget the volume's lock unless another call waits on it (map and `l` hold two).
         let mut locks = lock(&self.locks);
@@ -1234,7 +1249,7 @@ mod tests {
                         if let Ok(Call::Create { name, opts }) =
                             decode_call(&req.method, &req.path, &req.body)
                         {
-                            assert!(validate_name(&name).is_ok());
+                            assert!(validate_target(&name).is_ok());
                             assert!(opts.len() <= api::MAX_ENTRIES);
                         }
                     }

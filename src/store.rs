@@ -18,6 +18,8 @@
 //! | `fs`      | `vol:u64 'c' ino:u64 index:u64`              | [`ChunkPtr`]: segment, offset, length, crc32 |
 //! | `fs`      | `vol:u64 'x' ino:u64 name`                   | xattr value                        |
 //! | `fs`      | `vol:u64 'o' ino:u64`                        | empty: inode unlinked while open   |
+//! | `fs`      | `vol:u64 'S' snap:u64 key[8..]`              | pre-image in snapshot `snap`'s layer of the `fs` key `key` of `vol`: `0` absent, `1 value` present (`crate::snap`) |
+//! | `fs`      | `vol:u64 'T' snap:u64`                       | [`crate::snap::SnapshotRecord`]: name, time, state |
 //! | `intents` | sequence:u64                                 | a multi-key change being applied ([`Store::commit`]) |
 //! | `mounts`  | mountpoint path (bytes)                      | [`MountRecord`]: the daemon's mount table |
 //! | `doomed`  | vol:u64                                      | [`DoomedRecord`]: every `fs` key of `vol` is to be purged |
@@ -58,6 +60,8 @@ pub const TAG_READDIR: u8 = b'r';
 pub const TAG_CHUNK: u8 = b'c';
 pub const TAG_XATTR: u8 = b'x';
 pub const TAG_ORPHAN: u8 = b'o';
+pub const TAG_LAYER: u8 = b'S';
+pub const TAG_SNAPSHOT: u8 = b'T';
 
 /// The opened database of one daemon.
 #[derive(Clone)]
@@ -77,6 +81,7 @@ pub struct Store {
     wal: Arc<Wal>,
     pub chunks: Arc<ChunkStore>,
     stripes: Arc<Vec<Mutex<()>>>,
+    pub(crate) snaps: Arc<crate::snap::Snaps>,
     /// Set by every change, cleared by `sync`: lets the background flusher idle.
     unsynced: Arc<std::sync::atomic::AtomicBool>,
     db_file: std::path::PathBuf,
@@ -129,14 +134,16 @@ impl Store {
         let data = root.join("data");
         let chunks = ChunkStore::open_with(&data, segment_max)
             .map_err(|e| format!("cannot open the chunk segments in {}: {e}", data.display()))?;
+        let mut snapshots = Vec::new();
         for item in fs.iter() {
             let (k, v) = item.map_err(|e| format!("scanning the store: {e}"))?;
-            if k.len() == 25 && k[8] == TAG_CHUNK {
-                if let Some(p) = ChunkPtr::decode(&v) {
-                    chunks.account(&p);
-                }
+            if let Some(p) = chunk_value(&k, &v) {
+                chunks.account(&p);
+            } else if k.len() == 17 && k[8] == TAG_SNAPSHOT {
+                snapshots.push((be_u64(&k[..8]), be_u64(&k[9..17]), v));
             }
         }
+        let snaps = crate::snap::Snaps::load(snapshots);
         Ok(Store {
             db,
             fs,
@@ -149,6 +156,7 @@ impl Store {
             wal: Arc::new(wal),
             chunks: Arc::new(chunks),
             stripes: Arc::new((0..STRIPES).map(|_| Mutex::new(())).collect()),
+            snaps: Arc::new(snaps),
             unsynced: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             db_file: dir.join("db"),
         })
@@ -166,7 +174,10 @@ impl Store {
     /// Callers hold the locks of what they change; readers take none, so callers order
     /// `ops` so that every intermediate state is one a reader may see (new records before
     /// the names pointing at them, names removed before their records).
-    pub fn commit(&self, ops: &[Op]) -> FsResult<()> {
+    ///
+    /// This is the raw step: it records no snapshot pre-images. Changes to what a volume
+    /// holds go through [`Store::commit_change`].
+    pub(crate) fn commit(&self, ops: &[Op]) -> FsResult<()> {
         self.note_change();
         // Held until the change is in sled, so a sync's rotation never splits one.
         let wal = self.wal.append(ops)?;
@@ -261,28 +272,23 @@ impl Store {
                     .fs
                     .get(&key)
                     .map_err(|e| FsError::storage("compacting segments", e))?;
-                if current.as_deref().and_then(ChunkPtr::decode) != Some(ptr) {
-                    continue;
-                }
-                let data = match self.chunks.read(&key, &ptr) {
-                    Ok(Some(d)) => d,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        tracing::error!(vol, ino, "unreadable chunk while compacting: {e:?}");
-                        return Err(FsError::Io(format!("segment {seg:x} unreadable")));
-                    }
-                };
-                let pending = self.chunks.append(&[(&key, &data)]).map_err(|e| {
-                    tracing::error!("appending while compacting: {e}");
-                    FsError::Io(e.to_string())
-                })?;
-                let new = pending.ptrs()[0];
-                self.note_change();
-                match self.commit(&[Op::Put(key.clone(), new.encode())]) {
-                    Ok(()) => self.chunks.release(&ptr),
-                    Err(e) => {
-                        pending.abandon();
-                        return Err(e);
+                if current.as_deref().and_then(ChunkPtr::decode) == Some(ptr) {
+                    // Same bytes, new place: no snapshot needs the old pointer.
+                    self.move_chunk(vol, ino, &key, &key, ptr, false)?;
+                } else {
+                    // A chunk version a snapshot's layer holds (see `crate::snap`).
+                    let lock = self.snaps.lock_of(vol);
+                    let _g = lock.write().unwrap_or_else(|p| p.into_inner());
+                    for layer in self.snaps.layers(vol).iter() {
+                        let lk = layer_key(vol, layer.id, &key);
+                        let held = self
+                            .fs
+                            .get(&lk)
+                            .map_err(|e| FsError::storage("compacting segments", e))?;
+                        if held.as_deref().and_then(crate::snap::decode_pre_ptr) == Some(ptr) {
+                            self.move_chunk(vol, ino, &key, &lk, ptr, true)?;
+                            break;
+                        }
                     }
                 }
             }
@@ -294,6 +300,47 @@ impl Store {
             freed += size.saturating_sub(self.chunks.disk_bytes());
         }
         Ok(freed)
+    }
+
+    /// Copies chunk version `ptr` (stored for live key `key`) to the active segment and
+    /// points `at` (the live key, or a layer key when `layer`) at the copy.
+    fn move_chunk(
+        &self,
+        vol: u64,
+        ino: u64,
+        key: &[u8],
+        at: &[u8],
+        ptr: ChunkPtr,
+        layer: bool,
+    ) -> FsResult<()> {
+        let data = match self.chunks.read(key, &ptr) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::error!(vol, ino, "unreadable chunk while compacting: {e:?}");
+                return Err(FsError::Io(format!("segment {:x} unreadable", ptr.seg)));
+            }
+        };
+        let pending = self.chunks.append(&[(key, &data)]).map_err(|e| {
+            tracing::error!("appending while compacting: {e}");
+            FsError::Io(e.to_string())
+        })?;
+        let new = pending.ptrs()[0];
+        let value = if layer {
+            crate::snap::encode_pre(Some(&new.encode()))
+        } else {
+            new.encode()
+        };
+        match self.commit(&[Op::Put(at.to_vec(), value)]) {
+            Ok(()) => {
+                self.chunks.release(&ptr);
+                Ok(())
+            }
+            Err(e) => {
+                pending.abandon();
+                Err(e)
+            }
+        }
     }
 
     /// Makes every write applied so far durable. sled's own flush uses `sync_file_range`,
@@ -518,26 +565,23 @@ impl Store {
             if keys.is_empty() {
                 break;
             }
-            let inos: Vec<u64> = keys
-                .iter()
-                .filter(|k| k.len() == 25 && k[8] == TAG_CHUNK)
-                .map(|k| be_u64(&k[9..17]))
-                .collect();
+            let inos: Vec<u64> = keys.iter().filter_map(|k| chunk_key_ino(k)).collect();
             let _l = self.stripe_locks(vol, &inos);
+            let lock = self.snaps.lock_of(vol);
+            let _g = lock.write().unwrap_or_else(|p| p.into_inner());
             self.note_change();
             for k in &keys {
                 let old = self
                     .fs
                     .remove(k)
                     .map_err(|e| format!("purging volume {vol}: {e}"))?;
-                if k.len() == 25 && k[8] == TAG_CHUNK {
-                    if let Some(p) = old.as_deref().and_then(ChunkPtr::decode) {
-                        self.chunks.release(&p);
-                        released += u64::from(p.len);
-                    }
+                if let Some(p) = old.as_deref().and_then(|v| chunk_value(k, v)) {
+                    self.chunks.release(&p);
+                    released += u64::from(p.len);
                 }
             }
         }
+        self.snaps.forget_volume(vol);
         self.doomed
             .remove(prefix)
             .map_err(|e| format!("finishing the purge of volume {vol}: {e}"))?;
@@ -812,6 +856,68 @@ fn replay_intents(fs: &sled::Tree, intents: &sled::Tree) -> Result<(), String> {
     Ok(())
 }
 
+/// The chunk version a live chunk key or a snapshot layer's chunk entry points at.
+pub fn chunk_value(key: &[u8], value: &[u8]) -> Option<ChunkPtr> {
+    if key.len() == 25 && key[8] == TAG_CHUNK {
+        ChunkPtr::decode(value)
+    } else if key.len() == 34 && key[8] == TAG_LAYER && key[17] == TAG_CHUNK {
+        crate::snap::decode_pre_ptr(value)
+    } else {
+        None
+    }
+}
+
+/// The inode of a live chunk key or a layer's chunk entry.
+fn chunk_key_ino(key: &[u8]) -> Option<u64> {
+    if key.len() == 25 && key[8] == TAG_CHUNK {
+        Some(be_u64(&key[9..17]))
+    } else if key.len() == 34 && key[8] == TAG_LAYER && key[17] == TAG_CHUNK {
+        Some(be_u64(&key[18..26]))
+    } else {
+        None
+    }
+}
+
+/// `key` (a key of some volume) as a key of volume `vol`.
+pub fn rekey(vol: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len());
+    k.extend_from_slice(&vol.to_be_bytes());
+    k.extend_from_slice(key.get(8..).unwrap_or_default());
+    k
+}
+
+/// The key in snapshot `snap`'s layer that holds the pre-image of `key` (a key of `vol`).
+pub fn layer_key(vol: u64, snap: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 9);
+    k.extend_from_slice(&vol.to_be_bytes());
+    k.push(TAG_LAYER);
+    k.extend_from_slice(&snap.to_be_bytes());
+    k.extend_from_slice(key.get(8..).unwrap_or_default());
+    k
+}
+
+/// Every key of snapshot `snap`'s layer starts with this.
+pub fn layer_prefix(vol: u64, snap: u64) -> Vec<u8> {
+    prefix(vol, TAG_LAYER, snap, 0)
+}
+
+/// The `fs` key whose pre-image the layer key `lk` holds.
+pub fn layer_key_origin(vol: u64, lk: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(lk.len().saturating_sub(9));
+    k.extend_from_slice(&vol.to_be_bytes());
+    k.extend_from_slice(lk.get(17..).unwrap_or_default());
+    k
+}
+
+pub fn snapshot_key(vol: u64, snap: u64) -> Vec<u8> {
+    prefix(vol, TAG_SNAPSHOT, snap, 0)
+}
+
+/// Whether `key` belongs to the snapshot machinery rather than to the volume's content.
+pub fn is_snapshot_key(key: &[u8]) -> bool {
+    matches!(key.get(8), Some(&TAG_LAYER) | Some(&TAG_SNAPSHOT))
+}
+
 /// The first key after every key that starts with `prefix`.
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -969,7 +1075,7 @@ impl FileKind {
 }
 
 /// A point in time with nanoseconds, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Timestamp {
     pub secs: i64,
     pub nsecs: u32,

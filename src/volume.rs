@@ -10,17 +10,19 @@
 //! with `force`) or finds no volume.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    self, DaemonInfo, LsFilters, MountInfo, Pruned, Removed, Reply, Request, Response, UsageInfo,
-    VersionInfo, VolumeInfo,
+    self, DaemonInfo, Imported, LsFilters, MountInfo, Pruned, Removed, Reply, Request, Response,
+    RolledBack, SnapshotInfo, UsageInfo, VersionInfo, VolumeInfo,
 };
 use crate::fs::{self, Gate, MountSpec, Mounted};
+use crate::import::ImportStats;
 use crate::keeper::{HeldMount, Keeper};
 use crate::store::{MountRecord, Store, Timestamp, VolumeRecord};
 use crate::vfs::{FileSystem, SledFs};
@@ -52,16 +54,53 @@ pub struct ExportSource {
 /// left there.
 pub struct Registry {
     store: Store,
-    open: Mutex<HashMap<u64, OpenVolume>>,
+    /// Open filesystems by (volume id, snapshot id): the live volume has no snapshot.
+    open: Mutex<HashMap<(u64, Option<u64>), OpenVolume>>,
     mounts: Mutex<BTreeMap<PathBuf, MountEntry>>,
     gate: Arc<Gate>,
     keeper: Keeper,
+    /// Serialises snapshot creation, removal and rollback.
+    snap_admin: Mutex<()>,
     root: PathBuf,
     started: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `VOL@SNAP` as `(VOL, Some(SNAP))`, `VOL` as `(VOL, None)`.
+pub fn split_target(target: &str) -> (&str, Option<&str>) {
+    match target.split_once('@') {
+        Some((v, s)) => (v, Some(s)),
+        None => (target, None),
+    }
+}
+
+/// A volume name, or `VOL@SNAP` naming one of its snapshots.
+pub fn validate_target(target: &str) -> Result<(), String> {
+    let (vol, snap) = split_target(target);
+    validate_name(vol)?;
+    snap.map_or(Ok(()), validate_snapshot_name)
+}
+
+/// Snapshot names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 128 characters.
+pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 128
+        && b[0].is_ascii_alphanumeric()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid snapshot name {name:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]* \
+             (at most 128 characters)"
+        ))
+    }
 }
 
 /// Docker's rule for volume names: `[a-zA-Z0-9][a-zA-Z0-9_.-]+`.
@@ -294,6 +333,21 @@ fn differences(
     out
 }
 
+fn log_import(name: &str, stats: &ImportStats, t0: Instant, created: bool) {
+    tracing::info!(
+        volume = name,
+        created,
+        files = stats.files,
+        dirs = stats.dirs,
+        symlinks = stats.symlinks,
+        hardlinks = stats.hardlinks,
+        others = stats.others,
+        bytes = stats.bytes,
+        secs = t0.elapsed().as_secs_f64(),
+        "imported an archive"
+    );
+}
+
 /// Bytes allocated on the host for the files under `dir` (recursively).
 fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -317,6 +371,14 @@ impl Registry {
         store
             .spawn_maintenance()
             .map_err(|e| format!("starting the maintenance thread: {e}"))?;
+        {
+            // Snapshot removals a stop or crash interrupted.
+            let s = store.clone();
+            std::thread::Builder::new()
+                .name("snapshot-rm".into())
+                .spawn(move || s.resume_removals())
+                .map_err(|e| format!("starting the snapshot removal thread: {e}"))?;
+        }
         let doomed = store.doomed()?;
         if !doomed.is_empty() {
             // Removals (or creates) a crash interrupted: finish them in the background.
@@ -348,6 +410,7 @@ impl Registry {
             root: root.to_path_buf(),
             gate: Arc::new(Gate::default()),
             keeper,
+            snap_admin: Mutex::new(()),
             started: Instant::now(),
         };
         reg.restore();
@@ -536,6 +599,29 @@ impl Registry {
                 read_only,
             } => self.mount(&name, &path, read_only).map(|()| None),
             Request::Umount { path } => self.umount(&path).map(|()| None),
+            Request::SnapshotCreate { name, snapshot } => self
+                .snapshot_create(&name, snapshot.as_deref())
+                .map(|v| Some(Reply::Snapshot(v))),
+            Request::SnapshotLs { name } => {
+                self.snapshot_list(&name).map(|v| Some(Reply::Snapshots(v)))
+            }
+            Request::SnapshotRm { name, snapshot } => self
+                .snapshot_remove(&name, &snapshot)
+                .map(|v| Some(Reply::Snapshot(v))),
+            Request::Rollback {
+                name,
+                snapshot,
+                force,
+            } => self
+                .rollback(&name, &snapshot, force)
+                .map(|v| Some(Reply::RolledBack(v))),
+            Request::CloneVolume {
+                name,
+                snapshot,
+                new,
+            } => self
+                .clone_volume(&name, &snapshot, &new)
+                .map(|v| Some(Reply::Volume(v))),
             Request::Version => Ok(Some(Reply::Version(VersionInfo {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 protocol: api::PROTOCOL,
@@ -543,11 +629,21 @@ impl Registry {
             Request::Info => self.daemon_info().map(|i| Some(Reply::Info(i))),
             // The daemon's control loop does these itself: it must exit afterwards, or stream.
             Request::Shutdown => Err("shutdown is handled by the daemon's control loop".into()),
+            // The archive follows the request on its connection: see `handle_import`.
+            Request::Import { .. } => Err("import is handled by the daemon's control loop".into()),
             Request::Export { .. } => Err("export is streamed by the daemon's control loop".into()),
         };
         match r {
             Ok(Some(reply)) => Response::reply(reply),
             Ok(None) => Response::ok(),
+            Err(e) => Response::err(e),
+        }
+    }
+
+    /// Answers an `import` request whose archive is read from `source`.
+    pub fn handle_import(&self, name: &str, replace: bool, source: &mut dyn Read) -> Response {
+        match self.import(name, replace, source) {
+            Ok(i) => Response::reply(Reply::Imported(i)),
             Err(e) => Response::err(e),
         }
     }
@@ -559,10 +655,13 @@ impl Registry {
     fn info(&self, name: &str, rec: &VolumeRecord) -> VolumeInfo {
         let mounts = lock(&self.mounts)
             .iter()
-            .filter(|(_, m)| m.volume == name)
+            .filter(|(_, m)| {
+                m.volume == name || (!name.contains('@') && split_target(&m.volume).0 == name)
+            })
             .map(|(p, m)| MountInfo {
                 path: p.clone(),
                 read_only: m.read_only,
+                snapshot: split_target(&m.volume).1.map(str::to_string),
             })
             .collect();
         VolumeInfo {
@@ -580,7 +679,7 @@ impl Registry {
     /// What volume `id` holds: from the counters of the open volume, or by a scan of its
     /// inode records.
     fn usage(&self, id: u64) -> Result<UsageInfo, String> {
-        let open = lock(&self.open).get(&id).map(|(fs, _)| fs.clone());
+        let open = lock(&self.open).get(&(id, None)).map(|(fs, _)| fs.clone());
         let u = match open {
             Some(fs) => fs.usage(),
             None => SledFs::scan_usage(&self.store, id)
@@ -614,6 +713,38 @@ impl Registry {
         if let Some(rec) = self.record(&name)? {
             return self.existing(&name, &rec, labels, options);
         }
+        let created = self.create_hidden(&name, labels, options, anonymous, |id| {
+            self.build(id, &name, &opts)
+        })?;
+        match created {
+            Ok((rec, ())) => {
+                tracing::info!(
+                    volume = name,
+                    id = rec.id,
+                    ?options,
+                    ?labels,
+                    "created volume"
+                );
+                Ok(self.info(&name, &rec))
+            }
+            // Another create of the same name came first: that one stands.
+            Err(winner) => self.existing(&name, &winner, labels, options),
+        }
+    }
+
+    /// Creates volume `name` with what `fill` writes into its new id, hidden until complete:
+    /// the id is doomed (purged after a failure or a crash) until its content is durable and
+    /// the name is registered in one step with lifting the mark. On a failure nothing is
+    /// left. Returns the new record and what `fill` returned, or the record of a volume of
+    /// that name another request created meanwhile (and nothing of this one is left).
+    fn create_hidden<T>(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        options: &BTreeMap<String, String>,
+        anonymous: bool,
+        fill: impl FnOnce(u64) -> Result<T, String>,
+    ) -> Result<Result<(VolumeRecord, T), VolumeRecord>, String> {
         let id = self
             .store
             .db
@@ -622,18 +753,22 @@ impl Registry {
             + 1;
         // Doomed until registered: a failure or a crash from here on leaves only a mark
         // that gets the id's keys purged.
-        self.store.begin_create(id, &name)?;
+        self.store.begin_create(id, name)?;
         // The content is durable before a name points at it (and a crash from here on
         // leaves a doomed mark that is sure to be found).
-        let built = self.build(id, &name, &opts).and_then(|()| {
+        let built = fill(id).and_then(|t| {
             self.store
                 .sync()
                 .map_err(|e| format!("making volume {name} durable: {e}"))
+                .map(|()| t)
         });
-        if let Err(e) = built {
-            self.discard(id, &name);
-            return Err(e);
-        }
+        let filled = match built {
+            Ok(t) => t,
+            Err(e) => {
+                self.discard(id, name);
+                return Err(e);
+            }
+        };
         failpoint("create-before-register");
         let rec = VolumeRecord {
             version: 1,
@@ -645,18 +780,106 @@ impl Registry {
         };
         let registered = self
             .store
-            .register(&name, &rec)
-            .inspect_err(|_| self.discard(id, &name))?;
+            .register(name, &rec)
+            .inspect_err(|_| self.discard(id, name))?;
         if let Some(winner) = registered {
-            // Another create of the same name came first: that one stands.
-            self.discard(id, &name);
-            return self.existing(&name, &winner, labels, options);
+            self.discard(id, name);
+            return Ok(Err(winner));
         }
         self.store
             .sync()
             .map_err(|e| format!("making volume {name} durable: {e}"))?;
-        tracing::info!(volume = name, id, ?options, ?labels, "created volume");
-        Ok(self.info(&name, &rec))
+        Ok(Ok((rec, filled)))
+    }
+
+    /// Fills volume `name` from the tar archive `source` (plain, gzip or zstd), all or
+    /// nothing. A volume that does not exist is created (no labels or options), hidden
+    /// until the whole archive is in, as `create` with `from=` does: on any error nothing
+    /// is left and the name stays free. An existing volume must be empty unless `replace`;
+    /// then [`Registry::import_into_existing`] does the work. Hostile archives are refused
+    /// naming the entry and the reason (see [`crate::import`]).
+    pub fn import(
+        &self,
+        name: &str,
+        replace: bool,
+        source: &mut dyn Read,
+    ) -> Result<Imported, String> {
+        validate_name(name)?;
+        let t0 = Instant::now();
+        if self.record(name)?.is_some() {
+            if !replace {
+                let (fs, _) = self.volume_fs(name, false)?;
+                let empty = crate::import::is_empty_dir(&fs, crate::store::ROOT_INO)
+                    .map_err(|e| format!("volume {name}: {e}"))?;
+                if !empty {
+                    return Err(format!(
+                        "volume {name} is not empty: use --replace to swap its content for the archive's"
+                    ));
+                }
+            }
+            let (stats, kept) = self
+                .import_into_existing(name, source, replace)
+                .map_err(|e| {
+                    format!("import into volume {name}: {e} (the volume was not changed)")
+                })?;
+            log_import(name, &stats, t0, false);
+            let volume = self.inspect(name)?;
+            return Ok(Imported {
+                volume,
+                created: false,
+                kept_snapshot: kept,
+                stats,
+            });
+        }
+        let none = BTreeMap::new();
+        let created = self
+            .create_hidden(name, &none, &none, false, |id| {
+                SledFs::init_volume(&self.store, id, 0, 0, 0o755)
+                    .map_err(|e| format!("creating volume {name}: {e}"))?;
+                let fs = SledFs::open(self.store.clone(), id, name)
+                    .map_err(|e| format!("opening new volume {name}: {e}"))?;
+                crate::import::import_archive(&fs, crate::store::ROOT_INO, source)
+            })
+            .map_err(|e| {
+                format!("import into volume {name}: {e} (nothing was imported: volume {name} was not created)")
+            })?;
+        match created {
+            Ok((rec, stats)) => {
+                log_import(name, &stats, t0, true);
+                tracing::info!(volume = name, id = rec.id, "created volume by import");
+                let volume = self.inspect(name)?;
+                Ok(Imported {
+                    volume,
+                    created: true,
+                    kept_snapshot: None,
+                    stats,
+                })
+            }
+            Err(_) => Err(format!(
+                "import into volume {name}: another request created volume {name} while the \
+                 archive was read; nothing was imported (import again: an empty volume can be \
+                 filled)"
+            )),
+        }
+    }
+
+    /// Imports the archive `source` into the existing volume `name`, which is empty or,
+    /// with `replace`, may hold anything: the seam for snapshots. The intended design:
+    /// import into a hidden staging directory of the volume (with
+    /// [`crate::import::import_archive`], which takes the directory to fill), then swap it
+    /// with the volume's content atomically, keeping the old content as a snapshot; on any
+    /// error the volume is exactly as before. Mounts of the volume, `readonly=true` and the
+    /// quota are this method's to handle. [`Registry::import`] has checked the name, that
+    /// the volume exists, and that it is empty unless `replace`.
+    pub fn import_into_existing(
+        &self,
+        name: &str,
+        source: &mut dyn Read,
+        replace: bool,
+    ) -> Result<(ImportStats, Option<String>), String> {
+        self.import_into_existing_with(name, replace, |fs| {
+            crate::import::import_archive(fs, crate::store::ROOT_INO, source)
+        })
     }
 
     /// The answer to creating a volume that exists.
@@ -777,11 +1000,37 @@ impl Registry {
 
     /// Volume `name` if it exists, with its usage when `measure` (a usage that cannot be
     /// measured is left out and logged: the volume still exists).
+    ///
+    /// `VOL@SNAP` answers for snapshot SNAP of VOL: a read-only volume created when the
+    /// snapshot was taken, holding what the volume held then.
     pub fn get(&self, name: &str, measure: bool) -> Result<Option<VolumeInfo>, String> {
-        validate_name(name)?;
-        let Some(rec) = self.record(name)? else {
+        validate_target(name)?;
+        let (vol, snap) = split_target(name);
+        let Some(rec) = self.record(vol)? else {
             return Ok(None);
         };
+        if let Some(snap) = snap {
+            let Some((_, srec)) = self
+                .store
+                .snapshots(rec.id)?
+                .into_iter()
+                .find(|(_, r)| r.name == snap && !r.deleting && !r.temporary)
+            else {
+                return Ok(None);
+            };
+            let mut info = self.info(name, &rec);
+            info.created = srec.created.secs;
+            info.options = BTreeMap::from([("readonly".to_string(), "true".to_string())]);
+            info.limit_bytes = None;
+            info.anonymous = false;
+            if measure {
+                info.usage = Some(UsageInfo {
+                    bytes: srec.bytes,
+                    inodes: srec.inodes,
+                });
+            }
+            return Ok(Some(info));
+        }
         let mut info = self.info(name, &rec);
         if measure {
             match self.usage(rec.id) {
@@ -844,7 +1093,7 @@ impl Registry {
             let mounts = lock(&self.mounts);
             let here: Vec<PathBuf> = mounts
                 .iter()
-                .filter(|(_, m)| m.volume == name)
+                .filter(|(_, m)| split_target(&m.volume).0 == name)
                 .map(|(p, _)| p.clone())
                 .collect();
             if !here.is_empty() {
@@ -871,7 +1120,11 @@ impl Registry {
             if !self.store.unregister(name, rec.id)? {
                 continue; // removed, or removed and created again, meanwhile
             }
-            let opened = lock(&self.open).remove(&rec.id);
+            let opened = {
+                let mut open = lock(&self.open);
+                open.retain(|(v, s), _| *v != rec.id || s.is_none());
+                open.remove(&(rec.id, None))
+            };
             drop(mounts);
             self.store
                 .sync()
@@ -975,30 +1228,36 @@ impl Registry {
             .is_some_and(|r| VolumeOptions::of(&r).read_only))
     }
 
-    fn volume_fs(&self, name: &str, resumed: bool) -> Result<OpenVolume, String> {
+    fn volume_fs(&self, target: &str, resumed: bool) -> Result<OpenVolume, String> {
+        let (name, snap) = split_target(target);
         let rec = self.record(name)?.ok_or_else(|| {
             format!("no such volume: {name} (create it with `volfs create {name}`)")
         })?;
+        let snap_id = match snap {
+            Some(s) => Some(self.snapshot_id(name, rec.id, s)?.0),
+            None => None,
+        };
         let mut open = lock(&self.open);
-        if let Some(v) = open.get(&rec.id) {
+        if let Some(v) = open.get(&(rec.id, snap_id)) {
             return Ok(v.clone());
         }
-        let opened = if resumed {
-            SledFs::open_resumed(self.store.clone(), rec.id, name)
-        } else {
-            SledFs::open(self.store.clone(), rec.id, name)
+        let opened = match snap_id {
+            Some(sid) => SledFs::open_snapshot(self.store.clone(), rec.id, sid, target),
+            None if resumed => SledFs::open_resumed(self.store.clone(), rec.id, name),
+            None => SledFs::open(self.store.clone(), rec.id, name),
         };
-        let fs = Arc::new(opened.map_err(|e| format!("opening volume {name}: {e}"))?);
+        let fs = Arc::new(opened.map_err(|e| format!("opening volume {target}: {e}"))?);
         fs.set_limit(VolumeOptions::of(&rec).size);
         let v = (fs, Arc::new(fs::Peers::default()));
-        open.insert(rec.id, v.clone());
+        open.insert((rec.id, snap_id), v.clone());
         Ok(v)
     }
 
     /// The tree `volfs export NAME[@SNAPSHOT]` writes out: for no snapshot, the live
     /// volume, through the one [`SledFs`] the registry keeps for it (the mounts' own, if it
     /// is mounted; opened and kept like a mount would, if not). A live volume may change
-    /// while it is read. Snapshots are refused until they exist.
+    /// while it is read. Snapshots are refused for now: the snapshot layer's owner wires
+    /// them in (and a consistent live export through a temporary snapshot).
     pub fn export_source(
         &self,
         name: &str,
@@ -1032,8 +1291,11 @@ impl Registry {
         read_only: bool,
         record: bool,
     ) -> Result<(), String> {
-        validate_name(name)?;
-        let read_only = read_only || self.forced_read_only(name)?;
+        validate_target(name)?;
+        // A snapshot never changes: its mounts are read-only.
+        let read_only = read_only
+            || split_target(name).1.is_some()
+            || self.forced_read_only(split_target(name).0)?;
         if !path.is_absolute() {
             return Err(format!(
                 "mountpoint {} is not an absolute path",
@@ -1145,6 +1407,12 @@ impl Registry {
         let _ = self.keeper.release(&key);
         entry.mounted.unmount(&key);
         tracing::info!(volume = entry.volume, path = %path.display(), "unmounted");
+        if split_target(&entry.volume).1.is_some()
+            && !mounts.values().any(|m| m.volume == entry.volume)
+        {
+            // Its session lets go of the snapshot's filesystem (and pin) when it ends.
+            lock(&self.open).retain(|_, (fs, _)| fs.name() != entry.volume);
+        }
         Ok(())
     }
 
@@ -1220,6 +1488,455 @@ fn unescape(f: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// What [`Registry::consistent_view`] gives.
+pub struct ConsistentView {
+    fs: Option<Arc<SledFs>>,
+    /// The temporary snapshot to remove afterwards: (store, volume id, snapshot id).
+    temp: Option<(Store, u64, u64)>,
+}
+
+impl ConsistentView {
+    pub fn fs(&self) -> &SledFs {
+        // Set at construction, taken only by `drop`.
+        self.fs
+            .as_deref()
+            .expect("view filesystem present until drop")
+    }
+}
+
+impl Drop for ConsistentView {
+    fn drop(&mut self) {
+        let fs = self.fs.take();
+        let Some((store, vol, id)) = self.temp.take() else {
+            return;
+        };
+        // The pin goes with the last reference to the filesystem.
+        drop(fs);
+        if let Err(e) = store.remove_snapshot(vol, id) {
+            tracing::warn!(
+                vol,
+                id,
+                "removing a temporary snapshot (the next start does): {e}"
+            );
+        }
+    }
+}
+
+/// The default snapshot name: the UTC time, `20261128-133918`.
+fn default_snapshot_name() -> String {
+    let secs = Timestamp::now().secs;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn snapshot_info(volume: &str, rec: &crate::snap::SnapshotRecord) -> SnapshotInfo {
+    SnapshotInfo {
+        volume: volume.to_string(),
+        name: rec.name.clone(),
+        created: rec.created.secs,
+        created_nanos: rec.created.nsecs,
+        bytes: rec.bytes,
+        inodes: rec.inodes,
+        stall_us: None,
+        freed_bytes: None,
+    }
+}
+
+impl Registry {
+    /// The id and record of snapshot `snap` of volume `name` (id `vol`).
+    fn snapshot_id(
+        &self,
+        name: &str,
+        vol: u64,
+        snap: &str,
+    ) -> Result<(u64, crate::snap::SnapshotRecord), String> {
+        validate_snapshot_name(snap)?;
+        self.store
+            .snapshots(vol)?
+            .into_iter()
+            .find(|(_, r)| r.name == snap && !r.deleting && !r.temporary)
+            .ok_or_else(|| {
+                format!("no such snapshot: {name}@{snap} (see `volfs snapshot ls {name}`)")
+            })
+    }
+
+    fn existing_record(&self, name: &str) -> Result<VolumeRecord, String> {
+        validate_name(name)?;
+        self.record(name)?.ok_or_else(|| Self::no_such_volume(name))
+    }
+
+    /// Takes a snapshot of a volume: the whole volume at one instant, with what the
+    /// kernels of its mounts still held dirty written back first.
+    pub fn snapshot_create(&self, name: &str, snap: Option<&str>) -> Result<SnapshotInfo, String> {
+        let _admin = lock(&self.snap_admin);
+        let rec = self.existing_record(name)?;
+        let snap = match snap {
+            Some(s) => {
+                validate_snapshot_name(s)?;
+                s.to_string()
+            }
+            None => {
+                let base = default_snapshot_name();
+                let taken: Vec<String> = self
+                    .store
+                    .snapshots(rec.id)?
+                    .into_iter()
+                    .map(|(_, r)| r.name)
+                    .collect();
+                let mut n = base.clone();
+                let mut i = 1;
+                while taken.contains(&n) {
+                    i += 1;
+                    n = format!("{base}.{i}");
+                }
+                n
+            }
+        };
+        if self
+            .store
+            .snapshots(rec.id)?
+            .iter()
+            .any(|(_, r)| r.name == snap)
+        {
+            return Err(format!(
+                "snapshot {name}@{snap} exists already (remove it with `volfs snapshot rm {name}@{snap}`, or choose another name)"
+            ));
+        }
+        let (_, srec, stall) = self.take_snapshot(name, &rec, &snap, false)?;
+        tracing::info!(
+            volume = name,
+            snapshot = snap,
+            stall_us = stall.as_micros() as u64,
+            "took a snapshot"
+        );
+        let mut info = snapshot_info(name, &srec);
+        info.stall_us = Some(stall.as_micros() as u64);
+        Ok(info)
+    }
+
+    /// Writes back what the kernels of the volume's writable mounts hold dirty (pages of
+    /// shared writable mmaps), then takes the snapshot.
+    fn take_snapshot(
+        &self,
+        name: &str,
+        rec: &VolumeRecord,
+        snap: &str,
+        temporary: bool,
+    ) -> Result<(u64, crate::snap::SnapshotRecord, Duration), String> {
+        let writable: Vec<PathBuf> = lock(&self.mounts)
+            .iter()
+            .filter(|(_, m)| m.volume == name && !m.read_only)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in writable {
+            match std::fs::File::open(&p) {
+                Ok(f) => {
+                    if let Err(e) = nix::unistd::syncfs(f.as_raw_fd()) {
+                        tracing::warn!(path = %p.display(), "syncfs before a snapshot: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!(path = %p.display(), "syncfs before a snapshot: {e}"),
+            }
+        }
+        let open = lock(&self.open)
+            .get(&(rec.id, None))
+            .map(|(fs, _)| fs.clone());
+        let counted = match &open {
+            Some(_) => None,
+            None => Some(SledFs::scan_usage(&self.store, rec.id).map_err(|e| e.to_string())?),
+        };
+        self.store
+            .create_snapshot_with(rec.id, snap, temporary, || {
+                let u = open
+                    .as_ref()
+                    .map_or_else(|| counted.unwrap_or_default(), |fs| fs.usage());
+                (u.bytes, u.inodes)
+            })
+            .map_err(|e| format!("snapshot of {name}: {e}"))
+    }
+
+    /// A consistent read-only view of a volume (for an export): snapshot `snap`, or a
+    /// temporary snapshot of the volume taken now, removed when the view is dropped.
+    pub fn consistent_view(
+        &self,
+        name: &str,
+        snap: Option<&str>,
+    ) -> Result<ConsistentView, String> {
+        let rec = self.existing_record(name)?;
+        if let Some(snap) = snap {
+            let (id, _) = self.snapshot_id(name, rec.id, snap)?;
+            let fs =
+                SledFs::open_snapshot(self.store.clone(), rec.id, id, &format!("{name}@{snap}"))
+                    .map_err(|e| format!("opening {name}@{snap}: {e}"))?;
+            return Ok(ConsistentView {
+                fs: Some(Arc::new(fs)),
+                temp: None,
+            });
+        }
+        let tmp = format!("tmp-{}-{}", std::process::id(), Timestamp::now().nsecs);
+        let (id, _, _) = {
+            let _admin = lock(&self.snap_admin);
+            self.take_snapshot(name, &rec, &tmp, true)?
+        };
+        // Removes the snapshot again if opening it fails.
+        let mut view = ConsistentView {
+            fs: None,
+            temp: Some((self.store.clone(), rec.id, id)),
+        };
+        let fs = SledFs::open_snapshot(self.store.clone(), rec.id, id, &format!("{name}@{tmp}"))
+            .map_err(|e| format!("opening a snapshot of {name}: {e}"))?;
+        view.fs = Some(Arc::new(fs));
+        Ok(view)
+    }
+
+    /// The snapshots of a volume, oldest first.
+    pub fn snapshot_list(&self, name: &str) -> Result<Vec<SnapshotInfo>, String> {
+        let rec = self.existing_record(name)?;
+        Ok(self
+            .store
+            .snapshots(rec.id)?
+            .iter()
+            .filter(|(_, r)| !r.deleting && !r.temporary)
+            .map(|(_, r)| snapshot_info(name, r))
+            .collect())
+    }
+
+    /// Removes a snapshot; refused while it is mounted.
+    pub fn snapshot_remove(&self, name: &str, snap: &str) -> Result<SnapshotInfo, String> {
+        let _admin = lock(&self.snap_admin);
+        let rec = self.existing_record(name)?;
+        let (id, srec) = self.snapshot_id(name, rec.id, snap)?;
+        let target = format!("{name}@{snap}");
+        let here: Vec<String> = lock(&self.mounts)
+            .iter()
+            .filter(|(_, m)| m.volume == target)
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        if !here.is_empty() {
+            return Err(format!(
+                "snapshot {target} is mounted at {}; unmount it first (`volfs umount PATH`)",
+                here.join(", ")
+            ));
+        }
+        // A mount just unmounted lets go of the snapshot when its session ends.
+        let t0 = Instant::now();
+        while self.store.snaps.pinned(rec.id, id) && t0.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let freed = self
+            .store
+            .remove_snapshot(rec.id, id)
+            .map_err(|e| format!("removing snapshot {target}: {e}"))?;
+        tracing::info!(volume = name, snapshot = snap, freed, "removed a snapshot");
+        let mut info = snapshot_info(name, &srec);
+        info.freed_bytes = Some(freed);
+        Ok(info)
+    }
+
+    /// Makes a volume what one of its snapshots holds (the snapshots all stay). Refused
+    /// while the volume has writable mounts, unless `force`: their kernels then drop
+    /// what they cached, and files they hold open may vanish.
+    pub fn rollback(&self, name: &str, snap: &str, force: bool) -> Result<RolledBack, String> {
+        let _admin = lock(&self.snap_admin);
+        let rec = self.existing_record(name)?;
+        let (id, _) = self.snapshot_id(name, rec.id, snap)?;
+        let writable: Vec<String> = lock(&self.mounts)
+            .iter()
+            .filter(|(_, m)| m.volume == name && !m.read_only)
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        if !writable.is_empty() && !force {
+            return Err(format!(
+                "volume {name} is mounted writable at {}: unmount it first, or use \
+                 `volfs rollback --force {name}@{snap}` (programs using it then see its \
+                 content change under them)",
+                writable.join(", ")
+            ));
+        }
+        let _pin = self.store.snaps.pin(rec.id, id);
+        let r = self
+            .store
+            .replace_content(rec.id, rec.id, Some(id))
+            .map_err(|e| format!("rolling {name} back to {snap}: {e}"))?;
+        self.content_replaced(rec.id);
+        tracing::info!(
+            volume = name,
+            snapshot = snap,
+            keys = r.keys,
+            bytes = r.bytes,
+            "rolled back"
+        );
+        Ok(RolledBack {
+            volume: name.to_string(),
+            snapshot: snap.to_string(),
+            changed_keys: r.keys,
+            copied_bytes: r.bytes,
+        })
+    }
+
+    /// Fills existing volume `name` with what `fill` writes into a fresh staging volume,
+    /// all or nothing: on any error the volume is as before. Without `replace` the
+    /// volume must be empty; with it, its content is swapped for the new one in one
+    /// commit and kept as snapshot `before-import-TIME`, whose name is returned.
+    fn import_into_existing_with(
+        &self,
+        name: &str,
+        replace: bool,
+        fill: impl FnOnce(&SledFs) -> Result<ImportStats, String>,
+    ) -> Result<(ImportStats, Option<String>), String> {
+        let rec = self.existing_record(name)?;
+        let empty = self
+            .store
+            .fs
+            .scan_prefix(crate::store::dentry_prefix(rec.id, crate::store::ROOT_INO))
+            .next()
+            .is_none();
+        if !empty && !replace {
+            return Err(format!(
+                "volume {name} is not empty: use --replace to swap its content for the \
+                 archive's (the current content is kept as a snapshot)"
+            ));
+        }
+        let staging = self
+            .store
+            .db
+            .generate_id()
+            .map_err(|e| format!("allocating a volume id: {e}"))?
+            + 1;
+        self.store.begin_create(staging, name)?;
+        let filled = SledFs::init_volume(&self.store, staging, 0, 0, 0o755)
+            .map_err(|e| format!("staging the import into {name}: {e}"))
+            .and_then(|()| {
+                let fs = SledFs::open(self.store.clone(), staging, name)
+                    .map_err(|e| format!("staging the import into {name}: {e}"))?;
+                fs.set_limit(VolumeOptions::of(&rec).size);
+                fill(&fs)
+            });
+        let stats = match filled {
+            Ok(s) => s,
+            Err(e) => {
+                self.discard(staging, name);
+                return Err(e);
+            }
+        };
+        let swapped = {
+            let _admin = lock(&self.snap_admin);
+            let kept = if empty {
+                Ok(None)
+            } else {
+                let snap = format!("before-import-{}", default_snapshot_name());
+                self.take_snapshot(name, &rec, &snap, false)
+                    .map(|_| Some(snap))
+            };
+            kept.and_then(|kept| {
+                self.store
+                    .replace_content(rec.id, staging, None)
+                    .map(|_| kept)
+                    .map_err(|e| format!("importing into {name}: {e}"))
+            })
+        };
+        self.discard(staging, name);
+        let kept = swapped?;
+        self.content_replaced(rec.id);
+        tracing::info!(
+            volume = name,
+            files = stats.files,
+            bytes = stats.bytes,
+            ?kept,
+            "imported into an existing volume"
+        );
+        Ok((stats, kept))
+    }
+
+    /// After a volume's content was replaced underneath its filesystem and mounts.
+    fn content_replaced(&self, vol: u64) {
+        let open = lock(&self.open).get(&(vol, None)).cloned();
+        if let Some((fs, peers)) = open {
+            if let Err(e) = fs.recount() {
+                tracing::warn!(volume = fs.name(), "recounting usage: {e}");
+            }
+            let f = fs.clone();
+            peers.invalidate_all(move || f.inodes().unwrap_or_default());
+        }
+    }
+
+    /// A new volume holding what a snapshot holds; it gets the source's labels and
+    /// options (but not `from`).
+    pub fn clone_volume(&self, name: &str, snap: &str, new: &str) -> Result<VolumeInfo, String> {
+        validate_name(new)?;
+        let rec = self.existing_record(name)?;
+        let (sid, _) = self.snapshot_id(name, rec.id, snap)?;
+        if self.record(new)?.is_some() {
+            return Err(format!(
+                "volume {new} exists already: choose another name, or remove it first with `volfs rm {new}`"
+            ));
+        }
+        let _pin = self.store.snaps.pin(rec.id, sid);
+        let id = self
+            .store
+            .db
+            .generate_id()
+            .map_err(|e| format!("allocating a volume id: {e}"))?
+            + 1;
+        self.store.begin_create(id, new)?;
+        let t0 = Instant::now();
+        let copied = match self.store.copy_content(rec.id, Some(sid), id) {
+            Ok(c) => c,
+            Err(e) => {
+                self.discard(id, new);
+                return Err(format!("cloning {name}@{snap} into {new}: {e}"));
+            }
+        };
+        let mut options = rec.options.clone();
+        options.remove("from");
+        let nrec = VolumeRecord {
+            version: 1,
+            id,
+            created: Timestamp::now().secs,
+            labels: rec.labels.clone(),
+            options,
+            anonymous: false,
+        };
+        if let Some(_winner) = self
+            .store
+            .register(new, &nrec)
+            .inspect_err(|_| self.discard(id, new))?
+        {
+            self.discard(id, new);
+            return Err(format!(
+                "volume {new} was created meanwhile; choose another name"
+            ));
+        }
+        self.store
+            .sync()
+            .map_err(|e| format!("making volume {new} durable: {e}"))?;
+        tracing::info!(
+            volume = new,
+            from = format!("{name}@{snap}"),
+            bytes = copied.bytes,
+            secs = t0.elapsed().as_secs_f64(),
+            "cloned"
+        );
+        Ok(self.info(new, &nrec))
+    }
 }
 
 #[cfg(test)]

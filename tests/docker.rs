@@ -1260,6 +1260,101 @@ fn docker_ro_mounts_and_readonly_volumes_refuse_writes() {
 }
 
 #[test]
+fn docker_mounts_a_snapshot_read_only_by_the_name_vol_at_snap() {
+    let _t = Timed::new("VOL@SNAP");
+    let dk = Docker::start();
+    dk.create(&["snapvol"]);
+    dk.run(&[
+        "-v",
+        "snapvol:/vol",
+        IMAGE,
+        "sh",
+        "-c",
+        "mkdir /vol/cfg && echo v1 > /vol/cfg/app.conf",
+    ]);
+    assert_eq!(
+        dk.volfs
+            .cli_ok(&["snapshot", "create", "snapvol", "nightly"]),
+        "snapvol@nightly\n"
+    );
+    dk.run(&[
+        "-v",
+        "snapvol:/vol",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo v2 > /vol/cfg/app.conf; rm -r /vol/cfg",
+    ]);
+    // Copy a file back from the snapshot, as a restore would.
+    let out = dk.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        "snapvol@nightly:/restore:ro",
+        "-v",
+        "snapvol:/vol",
+        IMAGE,
+        "sh",
+        "-c",
+        "cp -a /restore/cfg /vol/ && cat /vol/cfg/app.conf; echo x > /restore/new; echo $? >&2",
+    ]);
+    assert_eq!(text(&out.stdout), "v1\n", "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!("sh: can't create /restore/new: {EROFS}\n1\n")
+    );
+    // Read-only even without :ro: a snapshot never changes.
+    let err = dk.docker_fails(
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            "snapvol@nightly:/restore",
+            IMAGE,
+            "touch",
+            "/restore/x",
+        ],
+        1,
+    );
+    assert!(
+        err.contains(&format!("touch: /restore/x: {EROFS}")),
+        "{err}"
+    );
+    assert_eq!(dk.inspect("snapvol@nightly")["Status"]["readonly"], true);
+    assert_eq!(
+        dk.run(&["-v", "snapvol:/vol", IMAGE, "cat", "/vol/cfg/app.conf"]),
+        "v1\n"
+    );
+    // Docker forgetting the name leaves the snapshot; an unknown snapshot is refused.
+    dk.docker_ok(&["volume", "rm", "snapvol@nightly"]);
+    assert!(
+        dk.volfs
+            .cli_ok(&["snapshot", "ls", "snapvol"])
+            .contains("nightly")
+    );
+    let err = dk.docker_fails(
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--volume-driver",
+            &dk.driver,
+            "-v",
+            "snapvol@nope:/r",
+            IMAGE,
+            "true",
+        ],
+        125,
+    );
+    assert!(err.contains("no such snapshot: snapvol@nope"), "{err}");
+}
+
+#[test]
 fn docker_two_containers_share_one_volume_at_the_same_time() {
     let _t = Timed::new("two containers on one volume");
     let dk = Docker::start();

@@ -30,7 +30,7 @@ const MIB: usize = 1024 * 1024;
 // ---------------------------------------------------------------------------------------------
 
 /// Deterministic pseudo-random bytes (xorshift64*), different for every `seed`.
-fn pat(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn pat(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
@@ -43,16 +43,16 @@ fn pat(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-fn stdout_of(o: &Output) -> String {
+pub(crate) fn stdout_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr_of(o: &Output) -> String {
+pub(crate) fn stderr_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// A fresh mount point directory (kept alive by the returned TempDir) and its canonical path.
-fn mountpoint() -> (TempDir, PathBuf) {
+pub(crate) fn mountpoint() -> (TempDir, PathBuf) {
     let dir = open_tempdir();
     let p = fs::canonicalize(dir.path()).expect("canonicalize");
     (dir, p)
@@ -84,7 +84,7 @@ fn assert_refused(d: &Daemon, args: &[&str], says: &str) {
 
 /// Names listed by `volfs ls -q` with these filters.
 #[track_caller]
-fn names(d: &Daemon, filters: &[&str]) -> Vec<String> {
+pub(crate) fn names(d: &Daemon, filters: &[&str]) -> Vec<String> {
     let mut args = vec!["ls", "-q"];
     for f in filters {
         args.extend(["--filter", f]);
@@ -172,7 +172,7 @@ fn append_fsync_close(p: &Path, data: &[u8]) -> Result<(), (&'static str, Errno)
 /// key of the `fs` tree belongs to a volume a name reaches, every such volume has its root,
 /// and no removal is pending.
 #[track_caller]
-fn assert_store_consistent(root: &Path) {
+pub(crate) fn assert_store_consistent(root: &Path) {
     let store = Store::open(root).expect("open the stopped daemon's store");
     let mut ids = HashSet::new();
     for item in store.volumes.iter() {
@@ -1500,7 +1500,7 @@ use std::os::unix::fs::PermissionsExt;
 /// A tree with every kind of entry and metadata import keeps: modes with setuid, setgid
 /// and sticky, owners, nanosecond times, xattrs (binary too), symlinks (one dangling), a
 /// hard link, a FIFO, a sparse file, an empty file.
-fn build_tree() -> (TempDir, PathBuf) {
+pub(crate) fn build_tree() -> (TempDir, PathBuf) {
     let dir = open_tempdir();
     let t = dir.path().join("tree");
     fs::create_dir(&t).unwrap();
@@ -1593,7 +1593,7 @@ fn entries(root: &Path) -> Vec<PathBuf> {
 /// owner, link count, size, device, atime and mtime to the nanosecond, symlink targets,
 /// xattrs, which names share an inode, and every byte.
 #[track_caller]
-fn assert_same_tree(src: &Path, vol: &Path) {
+pub(crate) fn assert_same_tree(src: &Path, vol: &Path) {
     let names = entries(src);
     assert_eq!(
         entries(vol),

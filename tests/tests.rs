@@ -10,6 +10,7 @@ mod docker;
 mod durability;
 mod export;
 mod faults;
+mod import;
 mod integrity;
 mod lifecycle;
 mod multimount;

@@ -38,6 +38,9 @@ pub struct SledFs {
     inodes: AtomicU64,
     /// The quota on `used_bytes` ([`NO_LIMIT`]: none).
     limit: AtomicU64,
+    /// The snapshot this serves (read-only), or `None` for the live volume.
+    at: Option<u64>,
+    _pin: Option<crate::snap::Pin>,
 }
 
 /// `now`, or one nanosecond past `old` if `now` is not later.
@@ -163,6 +166,8 @@ impl SledFs {
             used_bytes: AtomicU64::new(0),
             inodes: AtomicU64::new(0),
             limit: AtomicU64::new(NO_LIMIT),
+            at: None,
+            _pin: None,
         };
         fs.get_inode(ROOT_INO)?;
         let orphans: Vec<Ino> = if resumed { Vec::new() } else { fs.orphans() };
@@ -176,6 +181,80 @@ impl SledFs {
         fs.used_bytes.store(usage.bytes, Ordering::Relaxed);
         fs.inodes.store(usage.inodes, Ordering::Relaxed);
         Ok(fs)
+    }
+
+    /// Opens snapshot `snap` of volume `vol`, read-only; the snapshot cannot be removed
+    /// while this lives.
+    pub fn open_snapshot(store: Store, vol: u64, snap: u64, name: &str) -> FsResult<SledFs> {
+        let pin = store.snaps.pin(vol, snap);
+        let fs = SledFs {
+            handles_unknown: AtomicBool::new(false),
+            store,
+            vol,
+            name: name.to_string(),
+            namespace: Mutex::new(()),
+            open_handles: Mutex::new(HashMap::new()),
+            used_bytes: AtomicU64::new(0),
+            inodes: AtomicU64::new(0),
+            limit: AtomicU64::new(NO_LIMIT),
+            at: Some(snap),
+            _pin: Some(pin),
+        };
+        fs.get_inode(ROOT_INO)?;
+        let mut usage = Usage::default();
+        for item in fs.scan(store::tag_prefix(vol, store::TAG_INODE)) {
+            let (_, v) = item.map_err(|e| FsError::storage("counting snapshot usage", e))?;
+            if let Some(r) = InodeRecord::decode(&v) {
+                usage.bytes += r.stored + r.target.len() as u64;
+                usage.inodes += 1;
+            }
+        }
+        fs.used_bytes.store(usage.bytes, Ordering::Relaxed);
+        fs.inodes.store(usage.inodes, Ordering::Relaxed);
+        Ok(fs)
+    }
+
+    /// The volume's name (`VOL@SNAP` for a snapshot).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counts usage again from the records (after the content was replaced underneath).
+    pub fn recount(&self) -> FsResult<()> {
+        let usage = Self::scan_usage(&self.store, self.vol)?;
+        self.used_bytes.store(usage.bytes, Ordering::Relaxed);
+        self.inodes.store(usage.inodes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether this serves a snapshot (read-only).
+    pub fn snapshot(&self) -> Option<u64> {
+        self.at
+    }
+
+    /// The value of `key` in the state this serves.
+    fn get(&self, key: impl AsRef<[u8]>) -> sled::Result<Option<sled::IVec>> {
+        self.store.get_at(self.vol, self.at, key.as_ref())
+    }
+
+    /// The keys in `[start, end]` in the state this serves.
+    fn range_incl(
+        &self,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    ) -> Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send + '_> {
+        let mut end = end;
+        end.push(0);
+        self.store.range_at(self.vol, self.at, start, end)
+    }
+
+    /// The keys starting with `prefix` in the state this serves.
+    fn scan(
+        &self,
+        prefix: Vec<u8>,
+    ) -> Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send + '_> {
+        let end = store::prefix_end(&prefix);
+        self.store.range_at(self.vol, self.at, prefix, end)
     }
 
     /// Counts a volume's usage from its inode records, without opening it (a scan of one
@@ -209,6 +288,11 @@ impl SledFs {
     pub fn set_limit(&self, limit: Option<u64>) {
         self.limit
             .store(limit.unwrap_or(NO_LIMIT), Ordering::Relaxed);
+    }
+
+    /// The directory holding the store's files (for the size of its disk).
+    pub fn store_dir(&self) -> std::path::PathBuf {
+        self.store.dir()
     }
 
     /// The quota, if any.
@@ -261,22 +345,21 @@ impl SledFs {
         self.store.stripe_locks(self.vol, inos)
     }
 
-    fn apply(&self, ops: &[Op], what: &str) -> FsResult<()> {
-        self.store.commit(ops).inspect_err(|e| {
-            if let FsError::Io(_) = e {
-                tracing::error!(volume = %self.name, "{what} failed");
-            }
-        })
-    }
-
     fn commit(&self, change: Change<'_>, what: &str) -> FsResult<()> {
-        match self.apply(&change.ops, what) {
-            Ok(()) => {
-                for p in &change.released {
-                    self.store.chunks.release(p);
+        if self.at.is_some() {
+            // A snapshot never changes; mounts of it are read-only.
+            return Err(FsError::ReadOnly);
+        }
+        let r = self
+            .store
+            .commit_change(&change.ops, &change.released)
+            .inspect_err(|e| {
+                if let FsError::Io(_) = e {
+                    tracing::error!(volume = %self.name, "{what} failed");
                 }
-                Ok(())
-            }
+            });
+        match r {
+            Ok(()) => Ok(()),
             Err(e) => {
                 for a in change.appends {
                     a.abandon();
@@ -314,8 +397,6 @@ impl SledFs {
 
     fn get_inode(&self, ino: Ino) -> FsResult<InodeRecord> {
         let v = self
-            .store
-            .fs
             .get(store::inode_key(self.vol, ino))
             .map_err(|e| FsError::storage("reading an inode", e))?
             .ok_or(FsError::NotFound)?;
@@ -327,8 +408,6 @@ impl SledFs {
 
     fn get_dentry(&self, parent: Ino, name: &[u8]) -> FsResult<Option<DentryRecord>> {
         let Some(v) = self
-            .store
-            .fs
             .get(store::dentry_key(self.vol, parent, name))
             .map_err(|e| FsError::storage("reading a directory entry", e))?
         else {
@@ -341,19 +420,12 @@ impl SledFs {
     }
 
     fn get_xattr(&self, ino: Ino, name: &[u8]) -> FsResult<Option<sled::IVec>> {
-        self.store
-            .fs
-            .get(store::xattr_key(self.vol, ino, name))
+        self.get(store::xattr_key(self.vol, ino, name))
             .map_err(|e| FsError::storage("reading an xattr", e))
     }
 
     fn dir_is_empty(&self, ino: Ino) -> FsResult<bool> {
-        match self
-            .store
-            .fs
-            .scan_prefix(store::dentry_prefix(self.vol, ino))
-            .next()
-        {
+        match self.scan(store::dentry_prefix(self.vol, ino)).next() {
             None => Ok(true),
             Some(Ok(_)) => Ok(false),
             Some(Err(e)) => Err(FsError::storage("listing a directory", e)),
@@ -379,11 +451,8 @@ impl SledFs {
     }
 
     fn orphans(&self) -> Vec<Ino> {
-        self.store
-            .fs
-            .scan_prefix(store::tag_prefix(self.vol, store::TAG_ORPHAN))
-            .keys()
-            .filter_map(|k| k.ok().and_then(|k| store::parse_orphan_key(&k)))
+        self.scan(store::tag_prefix(self.vol, store::TAG_ORPHAN))
+            .filter_map(|kv| kv.ok().and_then(|(k, _)| store::parse_orphan_key(&k)))
             .collect()
     }
 
@@ -395,9 +464,8 @@ impl SledFs {
         }
         let _l = self.stripe_locks(&[ino]);
         let orphan = self
-            .store
-            .fs
-            .contains_key(store::orphan_key(self.vol, ino))
+            .get(store::orphan_key(self.vol, ino))
+            .map(|v| v.is_some())
             .map_err(|e| FsError::storage("checking for an orphan", e))?;
         if orphan {
             let mut batch = Change::default();
@@ -413,9 +481,8 @@ impl SledFs {
 
     /// Removes an inode with its data and xattrs into `change`.
     fn drop_inode(&self, change: &mut Change<'_>, ino: Ino) -> FsResult<()> {
-        let t = &self.store.fs;
-        for item in t.scan_prefix(store::chunk_prefix(self.vol, ino)).values() {
-            let v = item.map_err(|e| FsError::storage("listing an inode's data", e))?;
+        for item in self.scan(store::chunk_prefix(self.vol, ino)) {
+            let (_, v) = item.map_err(|e| FsError::storage("listing an inode's data", e))?;
             if let Some(p) = ChunkPtr::decode(&v) {
                 change.released.push(p);
             }
@@ -561,8 +628,6 @@ impl SledFs {
         // read the pointer again.
         for _ in 0..8 {
             let Some(v) = self
-                .store
-                .fs
                 .get(&key)
                 .map_err(|e| FsError::storage("reading file data", e))?
             else {
@@ -603,7 +668,7 @@ impl SledFs {
     /// Whether the chunk's key now points somewhere else than `ptr` (a write or the
     /// compactor replaced it while we read the old version).
     fn pointer_moved(&self, key: &[u8], ptr: &ChunkPtr) -> bool {
-        match self.store.fs.get(key) {
+        match self.get(key) {
             Ok(Some(v)) => ChunkPtr::decode(&v) != Some(*ptr),
             Ok(None) => true,
             Err(_) => false,
@@ -647,7 +712,7 @@ impl SledFs {
     ) -> impl Iterator<Item = FsResult<(u64, sled::IVec, sled::IVec)>> + '_ {
         let start = store::chunk_key(self.vol, ino, first);
         let end = store::chunk_key(self.vol, ino, last);
-        self.store.fs.range(start..=end).map(move |item| {
+        self.range_incl(start, end).map(move |item| {
             let (k, v) = item.map_err(|e| FsError::storage(what, e))?;
             let idx = store::parse_chunk_key(&k).unwrap_or(first);
             Ok((idx, k, v))
@@ -1197,12 +1262,9 @@ impl FileSystem for SledFs {
     }
 
     fn inodes(&self) -> FsResult<Vec<Ino>> {
-        self.store
-            .fs
-            .scan_prefix(store::tag_prefix(self.vol, store::TAG_INODE))
-            .keys()
-            .map(|k| {
-                k.map(|k| store::parse_inode_key(&k))
+        self.scan(store::tag_prefix(self.vol, store::TAG_INODE))
+            .map(|kv| {
+                kv.map(|(k, _)| store::parse_inode_key(&k))
                     .map_err(|e| FsError::storage("listing inodes", e))
             })
             .filter_map(Result::transpose)
@@ -1263,8 +1325,6 @@ impl FileSystem for SledFs {
             let key = store::chunk_key(self.vol, ino, idx);
             let new = if a == cs && b == cs + CHUNK_SIZE {
                 let old = self
-                    .store
-                    .fs
                     .get(&key)
                     .map_err(|e| FsError::storage("reading file data", e))?;
                 if let Some(v) = old {
@@ -1343,7 +1403,7 @@ impl FileSystem for SledFs {
         }
         let start = store::readdir_key(self.vol, ino, cookie.max(2).saturating_add(1));
         let end = store::readdir_key(self.vol, ino, u64::MAX);
-        for item in self.store.fs.range(start..=end) {
+        for item in self.range_incl(start, end) {
             if out.len() >= max {
                 break;
             }
@@ -1456,8 +1516,8 @@ impl FileSystem for SledFs {
         self.get_inode(ino)?;
         let prefix = store::xattr_prefix(self.vol, ino);
         let mut out = Vec::new();
-        for k in self.store.fs.scan_prefix(&prefix).keys() {
-            let k = k.map_err(|e| FsError::storage("listing xattrs", e))?;
+        for kv in self.scan(prefix.clone()) {
+            let (k, _) = kv.map_err(|e| FsError::storage("listing xattrs", e))?;
             out.extend_from_slice(&k[prefix.len()..]);
             out.push(0);
         }
