@@ -404,6 +404,17 @@ fn an_exported_volume_imported_again_exports_to_the_same_bytes_and_compresses() 
         again == first,
         "the export of the imported copy differs from the original's"
     );
+    // The same through `volfs import`, which streams the archive to the daemon.
+    d.cli_ok(&[
+        "import",
+        "streamed",
+        dir.path().join("a.tar").to_str().unwrap(),
+    ]);
+    let streamed = export(d, "streamed", dir.path(), "streamed.tar", &[]);
+    assert!(
+        streamed == first,
+        "the export of the volfs-imported copy differs from the original's"
+    );
 
     for (flag, file, tool) in [("zstd", "a.tar.zst", "zstd"), ("gzip", "a.tar.gz", "gzip")] {
         let packed = export(d, VOLUME, dir.path(), file, &["--compress", flag]);
