@@ -983,11 +983,7 @@ mod tests {
         use crate::vfs::{Ctx, SetAttr, SetTime};
         let dir = tempfile::tempdir().expect("tempdir");
         let fs = volume(dir.path(), "a");
-        let root = Ctx {
-            uid: 0,
-            gid: 0,
-            pid: 0,
-        };
+        let root = Ctx::ROOT;
         let at = |secs| {
             SetTime::At(Timestamp {
                 secs,

@@ -293,29 +293,20 @@ impl Peers {
         while self.granting.load(Ordering::SeqCst) > 0 {
             std::thread::yield_now();
         }
-        let present: Vec<Arc<MountState>> = lock(&self.mounts).clone();
-        for m in present {
-            if let Err(e) = m.notify_raw(FUSE_NOTIFY_INC_EPOCH) {
-                tracing::warn!("dropping cached names of a mount failed: {e}");
-            }
-            let Some(n) = m.notifier.get() else { continue };
-            let mut inos = if m.resumed {
-                all_inodes()
-            } else {
-                m.known_inodes()
-            };
-            inos.push(crate::store::ROOT_INO);
-            for ino in inos {
-                // Attributes only: no page lock is taken, so this cannot wait on a request.
-                let _ = n.inval_inode(INodeNo(ino), -1, 0);
-            }
-        }
+        // Attributes only: no page lock is taken, so this cannot wait on a request.
+        self.drop_caches(all_inodes, false);
     }
 
     /// The volume's content was replaced underneath (rollback, restore): every present
     /// mount's kernel drops its names, attributes and pages. Not for request threads: a
     /// page invalidation waits for reads in flight.
     pub fn invalidate_all(&self, all_inodes: impl Fn() -> Vec<u64>) {
+        self.drop_caches(all_inodes, true);
+    }
+
+    /// Every present mount's kernel drops its cached names and the attributes (and with
+    /// `pages`, the page cache) of every inode it knows.
+    fn drop_caches(&self, all_inodes: impl Fn() -> Vec<u64>, pages: bool) {
         let present: Vec<Arc<MountState>> = lock(&self.mounts).clone();
         for m in present {
             if let Err(e) = m.notify_raw(FUSE_NOTIFY_INC_EPOCH) {
@@ -329,7 +320,8 @@ impl Peers {
             };
             inos.push(crate::store::ROOT_INO);
             for ino in inos {
-                let _ = n.inval_inode(INodeNo(ino), 0, 0);
+                // Offset -1: attributes only.
+                let _ = n.inval_inode(INodeNo(ino), if pages { 0 } else { -1 }, 0);
             }
         }
     }

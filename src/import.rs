@@ -167,11 +167,7 @@ fn capacity(fs: &SledFs) -> u64 {
     fs.limit().unwrap_or(disk).min(disk).min(FILE_MAX)
 }
 
-const ROOT: Ctx = Ctx {
-    uid: 0,
-    gid: 0,
-    pid: 0,
-};
+const ROOT: Ctx = Ctx::ROOT;
 
 /// Largest single `write` into the volume.
 const WRITE_MAX: usize = 1 << 20;

@@ -176,6 +176,25 @@ enum SnapshotCmd {
     },
 }
 
+/// Runs `f` on every item, printing what each success returns and each failure on
+/// stderr; fails (exit 1) if any did.
+fn each(
+    items: Vec<String>,
+    mut f: impl FnMut(String) -> Result<String, String>,
+) -> Result<(), String> {
+    let mut failed = false;
+    for item in items {
+        match f(item) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("volfs: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed { Err(String::new()) } else { Ok(()) }
+}
+
 /// `VOL@SNAP` split in two, or an error saying what is expected.
 fn snapshot_target(target: &str) -> Result<(String, String), String> {
     match target.split_once('@') {
@@ -266,22 +285,12 @@ fn run(cli: Cli) -> Result<(), String> {
                 return Err(String::new());
             }
         }
-        Cmd::Rm { force, names } => {
-            let mut failed = false;
-            for name in names {
-                match ask(socket, &Request::Rm { name, force }) {
-                    Ok(Some(Reply::Removed(r))) => println!("{}", r.name),
-                    Ok(other) => return Err(unexpected(other)),
-                    Err(e) => {
-                        eprintln!("volfs: {e}");
-                        failed = true;
-                    }
-                }
+        Cmd::Rm { force, names } => each(names, |name| {
+            match ask(socket, &Request::Rm { name, force })? {
+                Some(Reply::Removed(r)) => Ok(r.name),
+                other => Err(unexpected(other)),
             }
-            if failed {
-                return Err(String::new());
-            }
-        }
+        })?,
         Cmd::Prune { all } => match ask(socket, &Request::Prune { all })? {
             Some(Reply::Pruned(p)) => {
                 if !p.deleted.is_empty() {
@@ -366,25 +375,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             }
         }
-        Cmd::Snapshot(SnapshotCmd::Rm { targets }) => {
-            let mut failed = false;
-            for t in targets {
-                let r = snapshot_target(&t).and_then(|(name, snapshot)| {
-                    ask(socket, &Request::SnapshotRm { name, snapshot })
-                });
-                match r {
-                    Ok(Some(Reply::Snapshot(s))) => println!("{}@{}", s.volume, s.name),
-                    Ok(other) => return Err(unexpected(other)),
-                    Err(e) => {
-                        eprintln!("volfs: {e}");
-                        failed = true;
-                    }
-                }
+        Cmd::Snapshot(SnapshotCmd::Rm { targets }) => each(targets, |t| {
+            let (name, snapshot) = snapshot_target(&t)?;
+            match ask(socket, &Request::SnapshotRm { name, snapshot })? {
+                Some(Reply::Snapshot(s)) => Ok(format!("{}@{}", s.volume, s.name)),
+                other => Err(unexpected(other)),
             }
-            if failed {
-                return Err(String::new());
-            }
-        }
+        })?,
         Cmd::Rollback { target, force } => {
             let (name, snapshot) = snapshot_target(&target)?;
             let req = Request::Rollback {

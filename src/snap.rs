@@ -847,11 +847,7 @@ mod tests {
     use crate::store::{self, ROOT_INO, Store};
     use crate::vfs::{Ctx, FileKind, FileSystem, Ino, RenameFlags, SetAttr, SledFs};
 
-    const CTX: Ctx = Ctx {
-        uid: 0,
-        gid: 0,
-        pid: 0,
-    };
+    const CTX: Ctx = Ctx::ROOT;
     const VOL: u64 = 7;
 
     /// Everything a snapshot must keep of one path.
@@ -911,18 +907,7 @@ mod tests {
     }
 
     fn open(root: &std::path::Path) -> (Store, SledFs) {
-        let store = Store::open_with(root, 256 * 1024).expect("store");
-        if store
-            .fs
-            .get(store::inode_key(VOL, ROOT_INO))
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            SledFs::init_volume(&store, VOL, 0, 0, 0o755).expect("init");
-        }
-        let fs = SledFs::open(store.clone(), VOL, "t").expect("open");
-        (store, fs)
+        crate::vfs::test_volume(root, VOL)
     }
 
     /// One random change: files written, truncated, renamed, linked and removed across

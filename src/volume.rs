@@ -84,42 +84,36 @@ pub fn validate_target(target: &str) -> Result<(), String> {
     snap.map_or(Ok(()), validate_snapshot_name)
 }
 
-/// Snapshot names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 128 characters.
-pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
+/// Whether `name` is `[a-zA-Z0-9][a-zA-Z0-9_.-]*` with a length in `len`.
+fn name_rule(name: &str, len: std::ops::RangeInclusive<usize>) -> bool {
     let b = name.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= 128
+    len.contains(&b.len())
         && b[0].is_ascii_alphanumeric()
         && b[1..]
             .iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid snapshot name {name:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]* \
-             (at most 128 characters)"
-        ))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Snapshot names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 128 characters.
+pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
+    if name_rule(name, 1..=128) {
+        return Ok(());
     }
+    Err(format!(
+        "invalid snapshot name {name:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]* \
+         (at most 128 characters)"
+    ))
 }
 
 /// Docker's rule for volume names: `[a-zA-Z0-9][a-zA-Z0-9_.-]+`.
 pub fn validate_name(name: &str) -> Result<(), String> {
-    let b = name.as_bytes();
-    let ok = b.len() >= 2
-        && b.len() <= 255
-        && b[0].is_ascii_alphanumeric()
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid volume name {name:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]+ \
-             (at least 2 characters, at most 255)"
-        ))
+    if name_rule(name, 2..=255) {
+        return Ok(());
     }
+    Err(format!(
+        "invalid volume name {name:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]+ \
+         (at least 2 characters, at most 255)"
+    ))
 }
 
 /// The create options volfs knows, for messages.
@@ -745,15 +739,7 @@ impl Registry {
         anonymous: bool,
         fill: impl FnOnce(u64) -> Result<T, String>,
     ) -> Result<Result<(VolumeRecord, T), VolumeRecord>, String> {
-        let id = self
-            .store
-            .db
-            .generate_id()
-            .map_err(|e| format!("allocating a volume id: {e}"))?
-            + 1;
-        // Doomed until registered: a failure or a crash from here on leaves only a mark
-        // that gets the id's keys purged.
-        self.store.begin_create(id, name)?;
+        let id = self.new_volume_id(name)?;
         // The content is durable before a name points at it (and a crash from here on
         // leaves a doomed mark that is sure to be found).
         let built = fill(id).and_then(|t| {
@@ -934,26 +920,26 @@ impl Registry {
                 mode: opts.mode,
                 ..crate::vfs::SetAttr::default()
             };
-            let root = crate::vfs::Ctx {
-                uid: 0,
-                gid: 0,
-                pid: 0,
-            };
+            let root = crate::vfs::Ctx::ROOT;
             fs.setattr(&root, crate::store::ROOT_INO, &set)
                 .map_err(|e| format!("setting the root of volume {name}: {e}"))?;
         }
-        tracing::info!(
-            volume = name,
-            from = %from.display(),
-            files = stats.files,
-            dirs = stats.dirs,
-            symlinks = stats.symlinks,
-            hardlinks = stats.hardlinks,
-            bytes = stats.bytes,
-            secs = t0.elapsed().as_secs_f64(),
-            "imported"
-        );
+        tracing::info!(volume = name, from = %from.display(), "copied in");
+        log_import(name, &stats, t0, true);
         Ok(())
+    }
+
+    /// A new volume id for `name`, doomed until registered: a failure or a crash from
+    /// here on leaves only a mark that gets the id's keys purged.
+    fn new_volume_id(&self, name: &str) -> Result<u64, String> {
+        let id = self
+            .store
+            .db
+            .generate_id()
+            .map_err(|e| format!("allocating a volume id: {e}"))?
+            + 1;
+        self.store.begin_create(id, name)?;
+        Ok(id)
     }
 
     /// Purges a volume id whose create failed or lost a race.
@@ -1815,13 +1801,7 @@ impl Registry {
                  archive's (the current content is kept as a snapshot)"
             ));
         }
-        let staging = self
-            .store
-            .db
-            .generate_id()
-            .map_err(|e| format!("allocating a volume id: {e}"))?
-            + 1;
-        self.store.begin_create(staging, name)?;
+        let staging = self.new_volume_id(name)?;
         let filled = SledFs::init_volume(&self.store, staging, 0, 0, 0o755)
             .map_err(|e| format!("staging the import into {name}: {e}"))
             .and_then(|()| {
@@ -1890,13 +1870,7 @@ impl Registry {
             ));
         }
         let _pin = self.store.snaps.pin(rec.id, sid);
-        let id = self
-            .store
-            .db
-            .generate_id()
-            .map_err(|e| format!("allocating a volume id: {e}"))?
-            + 1;
-        self.store.begin_create(id, new)?;
+        let id = self.new_volume_id(new)?;
         let t0 = Instant::now();
         let copied = match self.store.copy_content(rec.id, Some(sid), id) {
             Ok(c) => c,

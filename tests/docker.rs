@@ -823,6 +823,14 @@ impl Docker {
         self.docker_ok(&all)
     }
 
+    /// `docker run --rm --network none args…`, which must exit `code`; its stderr.
+    #[track_caller]
+    fn run_fails(&self, args: &[&str], code: i32) -> String {
+        let mut all = vec!["run", "--rm", "--network", "none"];
+        all.extend_from_slice(args);
+        self.docker_fails(&all, code)
+    }
+
     /// `docker volume create -d DRIVER args…`.
     #[track_caller]
     fn create(&self, args: &[&str]) -> String {
@@ -983,20 +991,8 @@ fn docker_host_mount_binds_into_containers_like_a_directory() {
     let m = fs::metadata(mnt.join("u/f")).expect("stat");
     assert_eq!((m.uid(), m.gid()), (1000, 1000));
     assert_eq!(fs::read(mnt.join("u/f")).expect("read"), b"user-data\n");
-    let err = dk.docker_fails(
-        &[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "-u",
-            "1000:1000",
-            "-v",
-            &bind,
-            IMAGE,
-            "touch",
-            "/data/nope",
-        ],
+    let err = dk.run_fails(
+        &["-u", "1000:1000", "-v", &bind, IMAGE, "touch", "/data/nope"],
         1,
     );
     assert!(
@@ -1219,20 +1215,7 @@ fn docker_ro_mounts_and_readonly_volumes_refuse_writes() {
     // readonly=true: read-only for every container, and on the host.
     dk.create(&["-o", "readonly=true", "ro1"]);
     assert_eq!(dk.inspect("ro1")["Status"]["readonly"], true);
-    let err = dk.docker_fails(
-        &[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "-v",
-            "ro1:/vol",
-            IMAGE,
-            "touch",
-            "/vol/x",
-        ],
-        1,
-    );
+    let err = dk.run_fails(&["-v", "ro1:/vol", IMAGE, "touch", "/vol/x"], 1);
     assert!(err.contains(&format!("touch: /vol/x: {EROFS}")), "{err}");
     dk.docker_ok(&[
         "run",
@@ -1306,12 +1289,8 @@ fn docker_mounts_a_snapshot_read_only_by_the_name_vol_at_snap() {
         format!("sh: can't create /restore/new: {EROFS}\n1\n")
     );
     // Read-only even without :ro: a snapshot never changes.
-    let err = dk.docker_fails(
+    let err = dk.run_fails(
         &[
-            "run",
-            "--rm",
-            "--network",
-            "none",
             "-v",
             "snapvol@nightly:/restore",
             IMAGE,
@@ -1336,12 +1315,8 @@ fn docker_mounts_a_snapshot_read_only_by_the_name_vol_at_snap() {
             .cli_ok(&["snapshot", "ls", "snapvol"])
             .contains("nightly")
     );
-    let err = dk.docker_fails(
+    let err = dk.run_fails(
         &[
-            "run",
-            "--rm",
-            "--network",
-            "none",
             "--volume-driver",
             &dk.driver,
             "-v",
@@ -1610,12 +1585,8 @@ fn docker_uid_1000_writes_to_a_volume_created_with_uid_1000() {
     ]);
     assert_eq!(out, "1000:1000\n1000:1000\n1000:1000\nuser\nmine\n");
     dk.create(&["u2"]);
-    let err = dk.docker_fails(
+    let err = dk.run_fails(
         &[
-            "run",
-            "--rm",
-            "--network",
-            "none",
             "-u",
             "1000:1000",
             "-v",

@@ -9,6 +9,8 @@ pub mod acl;
 mod sledfs;
 
 pub use sledfs::SledFs;
+#[cfg(test)]
+pub(crate) use sledfs::test_volume;
 
 use crate::error::FsResult;
 pub use crate::store::{FileKind, Timestamp};
@@ -27,6 +29,15 @@ pub struct Ctx {
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
+}
+
+impl Ctx {
+    /// The daemon itself acting as root (imports, tests).
+    pub const ROOT: Ctx = Ctx {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
 }
 
 /// Attributes of an inode, as `stat` reports them.

@@ -155,7 +155,9 @@ impl SledFs {
         Self::open_inner(store, vol, name, true)
     }
 
-    fn open_inner(store: Store, vol: u64, name: &str, resumed: bool) -> FsResult<SledFs> {
+    /// The filesystem of `vol` (at snapshot `at`), its root checked, nothing counted yet.
+    fn new(store: Store, vol: u64, name: &str, resumed: bool, at: Option<u64>) -> FsResult<SledFs> {
+        let pin = at.map(|snap| store.snaps.pin(vol, snap));
         let fs = SledFs {
             handles_unknown: AtomicBool::new(resumed),
             store,
@@ -166,10 +168,15 @@ impl SledFs {
             used_bytes: AtomicU64::new(0),
             inodes: AtomicU64::new(0),
             limit: AtomicU64::new(NO_LIMIT),
-            at: None,
-            _pin: None,
+            at,
+            _pin: pin,
         };
         fs.get_inode(ROOT_INO)?;
+        Ok(fs)
+    }
+
+    fn open_inner(store: Store, vol: u64, name: &str, resumed: bool) -> FsResult<SledFs> {
+        let fs = Self::new(store, vol, name, resumed, None)?;
         let orphans: Vec<Ino> = if resumed { Vec::new() } else { fs.orphans() };
         for ino in orphans {
             tracing::info!(volume = name, ino, "reclaiming inode unlinked while open");
@@ -186,21 +193,7 @@ impl SledFs {
     /// Opens snapshot `snap` of volume `vol`, read-only; the snapshot cannot be removed
     /// while this lives.
     pub fn open_snapshot(store: Store, vol: u64, snap: u64, name: &str) -> FsResult<SledFs> {
-        let pin = store.snaps.pin(vol, snap);
-        let fs = SledFs {
-            handles_unknown: AtomicBool::new(false),
-            store,
-            vol,
-            name: name.to_string(),
-            namespace: Mutex::new(()),
-            open_handles: Mutex::new(HashMap::new()),
-            used_bytes: AtomicU64::new(0),
-            inodes: AtomicU64::new(0),
-            limit: AtomicU64::new(NO_LIMIT),
-            at: Some(snap),
-            _pin: Some(pin),
-        };
-        fs.get_inode(ROOT_INO)?;
+        let fs = Self::new(store, vol, name, false, Some(snap))?;
         let mut usage = Usage::default();
         for item in fs.scan(store::tag_prefix(vol, store::TAG_INODE)) {
             let (_, v) = item.map_err(|e| FsError::storage("counting snapshot usage", e))?;
@@ -1616,28 +1609,32 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
+/// Opens (creating it the first time) volume `vol` of a store under `root` whose
+/// segments roll at 256 KiB, for tests.
+#[cfg(test)]
+pub(crate) fn test_volume(root: &std::path::Path, vol: u64) -> (Store, SledFs) {
+    let store = Store::open_with(root, 256 * 1024).expect("store");
+    if store
+        .fs
+        .get(store::inode_key(vol, ROOT_INO))
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        SledFs::init_volume(&store, vol, 0, 0, 0o755).expect("init");
+    }
+    let fs = SledFs::open(store.clone(), vol, "t").expect("open");
+    (store, fs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const CTX: Ctx = Ctx {
-        uid: 0,
-        gid: 0,
-        pid: 0,
-    };
+    const CTX: Ctx = Ctx::ROOT;
 
     fn volume(root: &std::path::Path) -> SledFs {
-        let store = Store::open_with(root, 256 * 1024).expect("store");
-        if store
-            .fs
-            .get(store::inode_key(1, ROOT_INO))
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            SledFs::init_volume(&store, 1, 0, 0, 0o755).expect("init");
-        }
-        SledFs::open(store, 1, "t").expect("open")
+        super::test_volume(root, 1).1
     }
 
     #[test]
