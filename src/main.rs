@@ -822,7 +822,7 @@ fn print_ls(vols: &[VolumeInfo], format: Format, quiet: bool) -> Result<(), Stri
             .mounts
             .iter()
             .map(|m| match (&m.snapshot, m.read_only) {
-                (Some(s), _) => format!("{} (ro, @{s})", m.path.display()),
+                (Some(s), _) => format!("{} (ro @{s})", m.path.display()),
                 (None, true) => format!("{} (ro)", m.path.display()),
                 (None, false) => m.path.display().to_string(),
             })

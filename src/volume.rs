@@ -1239,30 +1239,26 @@ impl Registry {
         Ok(v)
     }
 
-    /// The tree `volfs export NAME[@SNAPSHOT]` writes out: for no snapshot, the live
-    /// volume, through the one [`SledFs`] the registry keeps for it (the mounts' own, if it
-    /// is mounted; opened and kept like a mount would, if not). A live volume may change
-    /// while it is read. Snapshots are refused for now: the snapshot layer's owner wires
-    /// them in (and a consistent live export through a temporary snapshot).
+    /// The tree `volfs export NAME[@SNAPSHOT]` writes out: that snapshot, or for no
+    /// snapshot a temporary one taken now, so the archive is always the volume at one
+    /// instant (the temporary snapshot goes when the export ends).
     pub fn export_source(
         &self,
         name: &str,
         snapshot: Option<&str>,
     ) -> Result<ExportSource, String> {
         validate_name(name)?;
-        // Held like `mount` holds it, so that an `rm` cannot interleave with opening the
-        // volume (and leave a removed volume open).
-        let _mounts = lock(&self.mounts);
-        if self.record(name)?.is_none() {
-            return Err(Self::no_such_volume(name));
-        }
-        if let Some(snap) = snapshot {
-            return Err(format!(
-                "cannot export {name}@{snap}: snapshots are not supported yet"
-            ));
-        }
-        let (fs, _) = self.volume_fs(name, false)?;
-        Ok(ExportSource { fs, hold: None })
+        let view = self.consistent_view(name, snapshot)?;
+        let fs: Arc<SledFs> = view
+            .fs
+            .clone()
+            .ok_or_else(|| format!("exporting {name}: no view"))?;
+        // `fs` is dropped before `hold`, so the view's is the last reference to the
+        // snapshot when it removes a temporary one.
+        Ok(ExportSource {
+            fs,
+            hold: Some(Box::new(view)),
+        })
     }
 
     /// Mounts a volume at an existing directory and records it in the mount table.

@@ -6,6 +6,7 @@
 
 #[macro_use]
 mod util;
+mod crash;
 mod docker;
 mod durability;
 mod export;

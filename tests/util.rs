@@ -938,9 +938,15 @@ pub fn parse_ls(out: &str) -> Vec<(String, PathBuf, bool)> {
             continue;
         }
         for m in rest.split(", ") {
-            match m.strip_suffix(" (ro)") {
-                Some(p) => v.push((name.to_string(), PathBuf::from(p), true)),
-                None => v.push((name.to_string(), PathBuf::from(m), false)),
+            // `PATH (ro @SNAP)`: snapshot SNAP of the volume, mounted at PATH.
+            let snapshot = m
+                .strip_suffix(')')
+                .and_then(|m| m.rsplit_once(" (ro @"))
+                .map(|(p, s)| (format!("{name}@{s}"), PathBuf::from(p), true));
+            match (snapshot, m.strip_suffix(" (ro)")) {
+                (Some(t), _) => v.push(t),
+                (None, Some(p)) => v.push((name.to_string(), PathBuf::from(p), true)),
+                (None, None) => v.push((name.to_string(), PathBuf::from(m), false)),
             }
         }
     }
