@@ -11,6 +11,7 @@ pub mod api;
 pub mod chunks;
 pub mod error;
 pub mod fs;
+pub mod fsck;
 pub mod import;
 pub mod keeper;
 pub mod plugin;
