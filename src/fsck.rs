@@ -287,7 +287,7 @@ fn be(b: &[u8]) -> u64 {
 /// (which `current` reads again). A version that moved or went while it was read (a write,
 /// the compactor, a snapshot merge) is followed, so a live volume checks without false
 /// alarms. `Ok(bytes)` verified (0 when the key is gone), `Err(why)` corrupt.
-fn verify_chunk(
+pub(crate) fn verify_chunk(
     store: &Store,
     crc_key: &[u8],
     mut ptr: ChunkPtr,
@@ -371,10 +371,19 @@ pub fn check_volume(store: &Store, vol: u64, name: &str, view: Option<u64>) -> R
     report
 }
 
+/// What [`check_store`] found: problems, and notes on work in progress (doomed volumes
+/// being purged, changes being applied) that are no damage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreCheck {
+    pub problems: Vec<String>,
+    pub notes: Vec<String>,
+}
+
 /// Problems of the store as a whole: doomed marks (removals not finished), interrupted
 /// changes, and keys of volume ids that no volume name reaches.
-pub fn check_store(store: &Store) -> Vec<String> {
+pub fn check_store(store: &Store) -> StoreCheck {
     let mut out = Vec::new();
+    let mut notes = Vec::new();
     let doomed = match store.doomed() {
         Ok(d) => d,
         Err(e) => {
@@ -383,7 +392,7 @@ pub fn check_store(store: &Store) -> Vec<String> {
         }
     };
     for (vol, rec) in &doomed {
-        out.push(format!(
+        notes.push(format!(
             "store: volume id {vol} ({}) is marked for removal ({:?}); its keys are purged \
              in the background",
             rec.name, rec.reason
@@ -391,7 +400,7 @@ pub fn check_store(store: &Store) -> Vec<String> {
     }
     match store.pending_intents() {
         Ok(0) => {}
-        Ok(n) => out.push(format!(
+        Ok(n) => notes.push(format!(
             "store: {n} change(s) in progress or interrupted (finished at the next start)"
         )),
         Err(e) => out.push(format!("store: {e}")),
@@ -434,7 +443,10 @@ pub fn check_store(store: &Store) -> Vec<String> {
         }
         next = store::prefix_end(prefix);
     }
-    out
+    StoreCheck {
+        problems: out,
+        notes,
+    }
 }
 
 /// Snapshot records and layers, and unknown tags, from the raw keys of `vol`.
@@ -1719,7 +1731,9 @@ mod tests {
         // No name was ever registered for the test's volume id.
         let st = check_store(&store);
         assert!(
-            st.len() == 1 && st[0].contains("of volume id 7, which no volume name reaches"),
+            st.problems.len() == 1
+                && st.problems[0].contains("of volume id 7, which no volume name reaches")
+                && st.notes.is_empty(),
             "{st:?}"
         );
     }

@@ -4,7 +4,8 @@
 //! protocol) over `volume` (registry of volumes and mounts), which drives `fs` (the FUSE
 //! adapter, the only user of fuser), which calls the `vfs` seam, implemented over `store`
 //! (the key layout) and `chunks` (segment files). `keeper` holds FUSE connections across
-//! daemon restarts; `import` fills a volume from a directory or tar.
+//! daemon restarts; `import` fills a volume from a directory or tar; `fsck` checks and repairs a volume's
+//! keys, `scrub` verifies its chunks online.
 //! Errors are `error::FsError`.
 
 pub mod api;
@@ -15,6 +16,7 @@ pub mod fsck;
 pub mod import;
 pub mod keeper;
 pub mod plugin;
+pub mod scrub;
 pub mod snap;
 pub mod store;
 pub mod units;
