@@ -8,6 +8,7 @@ mod util;
 mod docker;
 mod durability;
 mod faults;
+mod fsck;
 mod import;
 mod integrity;
 mod lifecycle;
