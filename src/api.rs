@@ -22,6 +22,8 @@
 //! | `{"op":"mount","name":"data","path":"/mnt/d","read_only":false}` | none |
 //! | `{"op":"umount","path":"/mnt/d"}` | none |
 //! | `{"op":"import","name":"data","replace":false}` + archive bytes | `imported` |
+//! | `{"op":"fsck","name":"data","repair":false}` (`"name":null`: every volume) | `fsck` |
+//! | `{"op":"scrub","names":["data"]}` (`[]`: every volume) | `scrub` |
 //! | `{"op":"version"}` | `version` |
 //! | `{"op":"info"}` | `info` |
 //! | `{"op":"shutdown"}` | none, once every mount is unmounted; the daemon then exits |
@@ -53,7 +55,8 @@
 //!   reason; see `crate::import`. The daemon may answer (an error) before it has read
 //!   everything: a client keeps reading the answer when its writes fail.
 //! - `export`: the volume as a pax tar archive (`crate::export`); `snapshot` (default null)
-//!   names a snapshot of it instead (refused for now: "snapshots are not supported yet").
+//!   names a snapshot of it instead. Without one, a temporary snapshot is taken first, so
+//!   the archive is the volume at one instant.
 //!   The only streaming request: a failure before the first byte is an ordinary answer
 //!   line; `{"ok":true}` is followed by the archive in frames, each a 4-byte big-endian
 //!   length (1 to [`EXPORT_FRAME_MAX`]) and that many bytes, then a frame of length 0, then
@@ -61,6 +64,14 @@
 //!   "error":…}` saying what failed (the bytes sent are then a truncated archive). A
 //!   connection that ends before that last line is an export that failed in the daemon
 //!   (see its log). The compression `volfs export --compress` offers is the CLI's.
+//! - `fsck`: checks every invariant of the volume's store keys (see `crate::fsck`); a
+//!   volume in use is checked through a temporary snapshot, so the check sees one instant.
+//!   `repair` fixes what is safely fixable and is refused for a mounted volume (the error
+//!   lists its mountpoints; with `"name":null` the refusal is one of that volume's
+//!   problems). Problems are lines naming volume, inode (and path when known), key and
+//!   what is wrong; `repaired` says what the repair did, `problems` what is left.
+//! - `scrub`: reads and verifies every chunk of the volumes (live and in snapshots) while
+//!   they stay in use; a corrupt chunk is a line naming volume, inode and offset.
 //!
 //! Limits: at most [`MAX_ENTRIES`] labels, options or filters; label keys up to 255 bytes,
 //! label and option values up to 4096; no control characters in labels; paths up to
@@ -85,6 +96,11 @@
 //! ← {"ok":true,"pruned":{"deleted":["0f3a…"],"bytes":1048576}}
 //! ← {"ok":true,"imported":{"volume":{"name":"data",…},"created":true,"files":12,"dirs":3,
 //!    "symlinks":1,"hardlinks":2,"others":0,"bytes":1048576}}
+//! ← {"ok":true,"fsck":{"volumes":[{"name":"data","problems":["data: inode 12 (/a): link
+//!    count 5, but 2 entries name it [key 3/i/12]"],"repaired":[],"inodes":40,"entries":39,
+//!    "chunks":210,"bytes":3407872}],"store":[],"notes":[]}}
+//! ← {"ok":true,"scrub":{"volumes":[{"name":"data","chunks":210,"bytes":3407872,
+//!    "problems":[]}],"chunks":210,"bytes":3407872,"millis":41}}
 //! ← {"ok":true,"version":{"version":"0.1.0","protocol":1}}
 //! ← {"ok":true,"info":{"version":"0.1.0","pid":812,"uptime_secs":3600,"root":"/var/lib/volfs",
 //!    "store_bytes":1048576,"volumes":3,"mounts":1}}
@@ -189,6 +205,17 @@ pub enum Request {
         #[serde(default)]
         replace: bool,
     },
+    /// Checks one volume (`name`) or every one (`None`); with `repair`, fixes what is safe.
+    Fsck {
+        name: Option<String>,
+        #[serde(default)]
+        repair: bool,
+    },
+    /// Verifies every chunk of the volumes `names` (none: every volume), online.
+    Scrub {
+        #[serde(default)]
+        names: Vec<String>,
+    },
     Version,
     Info,
     /// Unmount everything, stop the keeper and exit (the mount table is kept).
@@ -214,9 +241,11 @@ impl Request {
             | Request::SnapshotRm { .. }
             | Request::Rollback { .. }
             | Request::CloneVolume { .. } => Duration::from_secs(3600),
-            Request::Import { .. } => Duration::from_secs(24 * 3600),
             // Per frame: the daemon sends one as soon as it has read a frame's worth.
             Request::Export { .. } => Duration::from_secs(600),
+            Request::Import { .. } | Request::Fsck { .. } | Request::Scrub { .. } => {
+                Duration::from_secs(24 * 3600)
+            }
             _ => Duration::from_secs(120),
         }
     }
@@ -418,6 +447,60 @@ pub struct RolledBack {
     pub copied_bytes: u64,
 }
 
+/// What `fsck` found in one volume, and what its repair did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckVolume {
+    pub name: String,
+    /// What is (still) wrong, one line each.
+    pub problems: Vec<String>,
+    /// What the repair fixed.
+    #[serde(default)]
+    pub repaired: Vec<String>,
+    pub inodes: u64,
+    pub entries: u64,
+    pub chunks: u64,
+    /// Chunk bytes read and verified.
+    pub bytes: u64,
+}
+
+/// What `fsck` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckReport {
+    pub volumes: Vec<FsckVolume>,
+    /// Problems of the store as a whole (every-volume checks only).
+    #[serde(default)]
+    pub store: Vec<String>,
+    /// Work in progress in the store: removals being purged, changes being applied.
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+impl FsckReport {
+    /// Whether anything is (still) wrong.
+    pub fn has_problems(&self) -> bool {
+        !self.store.is_empty() || self.volumes.iter().any(|v| !v.problems.is_empty())
+    }
+}
+
+/// What `scrub` read in one volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubVolume {
+    pub name: String,
+    pub chunks: u64,
+    pub bytes: u64,
+    /// One line per corrupt chunk: volume (and snapshot), inode, offset, why.
+    pub problems: Vec<String>,
+}
+
+/// What `scrub` read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubReport {
+    pub volumes: Vec<ScrubVolume>,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub millis: u64,
+}
+
 /// The payload of a successful answer, one field named after the variant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -433,6 +516,8 @@ pub enum Reply {
     Snapshots(Vec<SnapshotInfo>),
     #[serde(rename = "rolled_back")]
     RolledBack(RolledBack),
+    Fsck(FsckReport),
+    Scrub(ScrubReport),
 }
 
 /// The daemon's answer.
@@ -501,6 +586,7 @@ fn check_limits(req: &Request) -> Result<(), String> {
             count(options.len(), "options")
         }
         Request::Ls { filters } => count(filters.label.len() + filters.name.len(), "filters"),
+        Request::Scrub { names } => count(names.len(), "volume names"),
         Request::Mount { path, .. } => path_ok(path, "mountpoint"),
         Request::Umount { path } => path_ok(path, "mountpoint"),
         _ => Ok(()),
@@ -778,6 +864,17 @@ mod tests {
                 replace: true,
             },
             Request::Df,
+            Request::Fsck {
+                name: None,
+                repair: false,
+            },
+            Request::Fsck {
+                name: Some("data".into()),
+                repair: true,
+            },
+            Request::Scrub {
+                names: vec!["a".into()],
+            },
             Request::Version,
             Request::Info,
             Request::Export {

@@ -125,6 +125,24 @@ enum Cmd {
         #[arg(long)]
         replace: bool,
     },
+    /// Check a volume's store against every invariant (links, counts, directory index,
+    /// reachability, chunks within the size and their checksums, snapshots, quota
+    /// accounting); print each problem. Exits 1 when problems remain.
+    Fsck {
+        /// The volume (or --all).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Every volume, and the store as a whole.
+        #[arg(long)]
+        all: bool,
+        /// Fix what is safely fixable (orphans, counts, the directory index, stray keys,
+        /// chunks past the size) and say what could not be; refused while mounted.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Read and verify every chunk of the volumes (default: all), live and in snapshots,
+    /// while they stay in use. Exits 1 if any chunk is corrupt.
+    Scrub { names: Vec<String> },
     /// Unmount everything and stop volfs-mountd (the next start mounts them again).
     Shutdown,
     /// Show the versions of this client and of the daemon.
@@ -339,6 +357,15 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Shutdown => {
             ask(socket, &Request::Shutdown)?;
         }
+        Cmd::Fsck { name, all, repair } => {
+            let name = if all { None } else { name };
+            let report = match ask(socket, &Request::Fsck { name, repair })? {
+                Some(Reply::Fsck(r)) => r,
+                other => return Err(unexpected(other)),
+            };
+            print_fsck(&report)?;
+        }
+        Cmd::Scrub { names } => scrub(socket, names)?,
         Cmd::Snapshot(SnapshotCmd::Create { volume, name }) => {
             let req = Request::SnapshotCreate {
                 name: volume,
@@ -738,6 +765,119 @@ fn import(
         }
         other => Err(unexpected(other)),
     }
+}
+
+/// Prints what `fsck` found; an error when problems remain.
+fn print_fsck(r: &api::FsckReport) -> Result<(), String> {
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+    for v in &r.volumes {
+        for f in &v.repaired {
+            println!("{}: repaired: {f}", v.name);
+        }
+        for p in &v.problems {
+            println!("{p}");
+        }
+        let counts = format!(
+            "{} inodes, {} entries, {} chunks ({}) verified",
+            v.inodes,
+            v.entries,
+            v.chunks,
+            human_size(v.bytes)
+        );
+        if v.problems.is_empty() {
+            println!("{}: clean ({counts})", v.name);
+        } else {
+            println!("{}: {} problem(s) ({counts})", v.name, v.problems.len());
+        }
+    }
+    for p in &r.store {
+        println!("{p}");
+    }
+    let bad: usize = r.volumes.iter().map(|v| v.problems.len()).sum::<usize>() + r.store.len();
+    if bad > 0 {
+        let repair = if r.volumes.iter().any(|v| !v.repaired.is_empty()) {
+            "left after the repair"
+        } else {
+            "found (`volfs fsck --repair VOL` fixes the safe ones; unmount the volume first)"
+        };
+        return Err(format!("{bad} problem(s) {repair}"));
+    }
+    Ok(())
+}
+
+/// `volfs scrub`: one request per volume, so a terminal can show the progress.
+fn scrub(socket: &std::path::Path, names: Vec<String>) -> Result<(), String> {
+    use std::io::{IsTerminal, Write};
+    let names = if names.is_empty() {
+        match ask(
+            socket,
+            &Request::Ls {
+                filters: LsFilters::default(),
+            },
+        )? {
+            Some(Reply::Volumes(v)) => v.into_iter().map(|v| v.name).collect(),
+            other => return Err(unexpected(other)),
+        }
+    } else {
+        names
+    };
+    let tty = std::io::stderr().is_terminal();
+    let t = std::time::Instant::now();
+    let (mut chunks, mut bytes, mut bad) = (0u64, 0u64, 0usize);
+    for (i, name) in names.iter().enumerate() {
+        if tty {
+            eprint!(
+                "\rscrub: volume {}/{} ({name}), {} verified\x1b[K",
+                i + 1,
+                names.len(),
+                human_size(bytes)
+            );
+            let _ = std::io::stderr().flush();
+        }
+        let r = match ask(
+            socket,
+            &Request::Scrub {
+                names: vec![name.clone()],
+            },
+        )? {
+            Some(Reply::Scrub(r)) => r,
+            other => return Err(unexpected(other)),
+        };
+        for v in &r.volumes {
+            for p in &v.problems {
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                println!("{p}");
+                bad += 1;
+            }
+        }
+        chunks += r.chunks;
+        bytes += r.bytes;
+    }
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "scrubbed {} volume(s): {chunks} chunks, {} in {secs:.1} s ({:.0} MB/s), {}",
+        names.len(),
+        human_size(bytes),
+        bytes as f64 / 1e6 / secs.max(1e-3),
+        if bad == 0 {
+            "no corrupt chunk".to_string()
+        } else {
+            format!("{bad} corrupt chunk(s)")
+        }
+    );
+    if bad > 0 {
+        return Err(format!(
+            "{bad} corrupt chunk(s): restore those files from a snapshot or backup"
+        ));
+    }
+    Ok(())
 }
 
 fn to_json<T: Serialize>(v: &T, pretty: bool) -> Result<String, String> {

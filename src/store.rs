@@ -518,6 +518,17 @@ impl Store {
         }
     }
 
+    /// How many multi-key changes are recorded as in progress (finished at the next start
+    /// if a crash interrupted them).
+    pub fn pending_intents(&self) -> Result<u64, String> {
+        let mut n = 0;
+        for item in self.intents.iter() {
+            item.map_err(|e| format!("listing changes in progress: {e}"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The doomed volumes: `(vol, record)`.
     pub fn doomed(&self) -> Result<Vec<(u64, DoomedRecord)>, String> {
         let mut out = Vec::new();

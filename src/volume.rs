@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    self, DaemonInfo, Imported, LsFilters, MountInfo, Pruned, Removed, Reply, Request, Response,
-    RolledBack, SnapshotInfo, UsageInfo, VersionInfo, VolumeInfo,
+    self, DaemonInfo, FsckReport, FsckVolume, Imported, LsFilters, MountInfo, Pruned, Removed,
+    Reply, Request, Response, RolledBack, ScrubReport, ScrubVolume, SnapshotInfo, UsageInfo,
+    VersionInfo, VolumeInfo,
 };
 use crate::fs::{self, Gate, MountSpec, Mounted};
 use crate::import::ImportStats;
@@ -616,6 +617,10 @@ impl Registry {
             } => self
                 .clone_volume(&name, &snapshot, &new)
                 .map(|v| Some(Reply::Volume(v))),
+            Request::Fsck { name, repair } => self
+                .fsck(name.as_deref(), repair)
+                .map(|r| Some(Reply::Fsck(r))),
+            Request::Scrub { names } => self.scrub(&names).map(|r| Some(Reply::Scrub(r))),
             Request::Version => Ok(Some(Reply::Version(VersionInfo {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 protocol: api::PROTOCOL,
@@ -1840,6 +1845,129 @@ impl Registry {
             "imported into an existing volume"
         );
         Ok((stats, kept))
+    }
+
+    /// `(name, record)` of volume `name`, or of every volume.
+    fn named_or_all(&self, names: &[String]) -> Result<Vec<(String, VolumeRecord)>, String> {
+        if names.is_empty() {
+            let mut out = Vec::new();
+            for item in self.store.volumes.iter() {
+                let (k, v) = item.map_err(|e| format!("listing volumes: {e}"))?;
+                let name = String::from_utf8_lossy(&k).into_owned();
+                let rec = VolumeRecord::decode(&v)
+                    .map_err(|e| format!("the record of volume {name} is corrupt: {e}"))?;
+                out.push((name, rec));
+            }
+            return Ok(out);
+        }
+        names
+            .iter()
+            .map(|n| Ok((n.clone(), self.existing_record(n)?)))
+            .collect()
+    }
+
+    /// Checks volume `name` (or every volume, with the store as a whole), and with
+    /// `repair` fixes what is safe (see `crate::fsck`). A volume in use is checked through
+    /// a temporary snapshot; a repair is refused while the volume is mounted, and holds
+    /// the mount table so that no mount starts meanwhile.
+    pub fn fsck(&self, name: Option<&str>, repair: bool) -> Result<FsckReport, String> {
+        let names: Vec<String> = name.map(str::to_string).into_iter().collect();
+        let vols = self.named_or_all(&names)?;
+        let mut report = FsckReport::default();
+        for (name, rec) in vols {
+            let mut v = FsckVolume {
+                name: name.clone(),
+                ..FsckVolume::default()
+            };
+            let checked = if repair {
+                let _admin = lock(&self.snap_admin);
+                let mounts = lock(&self.mounts);
+                let at: Vec<String> = mounts
+                    .iter()
+                    .filter(|(_, m)| split_target(&m.volume).0 == name)
+                    .map(|(p, _)| p.display().to_string())
+                    .collect();
+                if !at.is_empty() {
+                    let e = format!(
+                        "{name}: not repaired: the volume is mounted at {}; unmount it (and \
+                         stop what uses it), then run `volfs fsck --repair {name}` again",
+                        at.join(", ")
+                    );
+                    if !names.is_empty() {
+                        return Err(e);
+                    }
+                    v.problems.push(e);
+                    None
+                } else {
+                    let r = crate::fsck::repair(&self.store, rec.id, &name)?;
+                    drop(mounts);
+                    self.content_replaced(rec.id);
+                    for f in &r.fixed {
+                        tracing::warn!(volume = name, "fsck repaired: {f}");
+                    }
+                    v.repaired = r.fixed;
+                    Some(r.remaining)
+                }
+            } else {
+                None
+            };
+            let checked = match checked {
+                Some(c) => c,
+                None => {
+                    let tmp = format!("fsck-{}-{}", std::process::id(), Timestamp::now().nsecs);
+                    let (id, _, _) = {
+                        let _admin = lock(&self.snap_admin);
+                        self.take_snapshot(&name, &rec, &tmp, true)?
+                    };
+                    let c = crate::fsck::check_volume(&self.store, rec.id, &name, Some(id));
+                    if let Err(e) = self.store.remove_snapshot(rec.id, id) {
+                        tracing::warn!(volume = name, "removing fsck's snapshot: {e}");
+                    }
+                    c
+                }
+            };
+            v.problems.extend(checked.lines());
+            v.inodes = checked.inodes;
+            v.entries = checked.entries;
+            v.chunks = checked.chunks;
+            v.bytes = checked.bytes;
+            if v.problems.is_empty() {
+                tracing::info!(volume = name, inodes = v.inodes, "fsck: clean");
+            } else {
+                tracing::warn!(volume = name, problems = v.problems.len(), "fsck: problems");
+            }
+            report.volumes.push(v);
+        }
+        if names.is_empty() {
+            let st = crate::fsck::check_store(&self.store);
+            report.store = st.problems;
+            report.notes = st.notes;
+        }
+        Ok(report)
+    }
+
+    /// Reads and verifies every chunk of volumes `names` (none: every volume), live and
+    /// in snapshots, while they stay in use.
+    pub fn scrub(&self, names: &[String]) -> Result<ScrubReport, String> {
+        let t = Instant::now();
+        let vols = self.named_or_all(names)?;
+        let mut report = ScrubReport::default();
+        for (name, rec) in vols {
+            let s = crate::scrub::scrub_volume(&self.store, rec.id, &name, &|_| {});
+            for p in &s.problems {
+                tracing::error!("scrub: {p}");
+            }
+            report.chunks += s.chunks;
+            report.bytes += s.bytes;
+            report.volumes.push(ScrubVolume {
+                name,
+                chunks: s.chunks,
+                bytes: s.bytes,
+                problems: s.problems,
+            });
+        }
+        report.millis = t.elapsed().as_millis() as u64;
+        Ok(report)
     }
 
     /// After a volume's content was replaced underneath its filesystem and mounts.

@@ -11,6 +11,7 @@ mod docker;
 mod durability;
 mod export;
 mod faults;
+mod fsck;
 mod import;
 mod integrity;
 mod lifecycle;
