@@ -408,6 +408,14 @@ fn kill9_cycles_lose_nothing_acknowledged_and_keep_every_snapshot() {
     d.kill9();
     d.restart();
     check(&d, "after the last restart");
+    // Every invariant of the store holds, in the volumes and in their snapshots.
+    let fsck = d.cli(&["fsck", "--all"]);
+    assert!(
+        fsck.status.success(),
+        "fsck --all after the crashes: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
     let snaps = snaps.lock().unwrap_or_else(|p| p.into_inner());
     let off = std::env::var("VOLFS_CRASH_SNAPSHOTS").is_ok_and(|v| v == "0");
     assert!(off || !snaps.is_empty(), "no snapshot was taken");
