@@ -925,7 +925,8 @@ pub fn run_within(mut cmd: CleanCommand, limit: Duration) -> Option<Output> {
         .unwrap_or_else(|e| panic!("run {:?}: {e}", cmd.program))
 }
 
-/// Parse the output of `volfs ls` into `(volume, mount point, read_only)`.
+/// Parse the output of `volfs ls` into `(volume, mount point, read_only)`. A snapshot mount,
+/// listed as `PATH (ro, @SNAP)`, counts as a read-only mount of its volume.
 pub fn parse_ls(out: &str) -> Vec<(String, PathBuf, bool)> {
     let mut v = Vec::new();
     for line in out.lines().skip(1) {
@@ -937,7 +938,19 @@ pub fn parse_ls(out: &str) -> Vec<(String, PathBuf, bool)> {
         if rest.is_empty() {
             continue;
         }
-        for m in rest.split(", ") {
+        let mut parts = rest.split(", ").peekable();
+        while let Some(m) = parts.next() {
+            if let Some(p) = m.strip_suffix(" (ro") {
+                // `PATH (ro, @SNAP)`: the snapshot is the next piece.
+                if parts
+                    .peek()
+                    .is_some_and(|s| s.starts_with('@') && s.ends_with(')'))
+                {
+                    parts.next();
+                    v.push((name.to_string(), PathBuf::from(p), true));
+                    continue;
+                }
+            }
             match m.strip_suffix(" (ro)") {
                 Some(p) => v.push((name.to_string(), PathBuf::from(p), true)),
                 None => v.push((name.to_string(), PathBuf::from(m), false)),
