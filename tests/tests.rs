@@ -17,3 +17,4 @@ mod posix_concurrency;
 mod posix_namespace;
 mod posix_persist;
 mod restart;
+mod snapshots;
