@@ -1635,6 +1635,66 @@ fn removing_a_snapshot_frees_what_only_it_held() {
     assert_eq!(fs::read(v.path("data")).expect("read"), pat(SIZE, 2));
 }
 
+/// Writes `len` bytes of `pat(.., seed)` at `off` of `path` in 1 MiB writes, then fsyncs.
+fn write_pattern(path: &Path, off: usize, len: usize, seed: u64) {
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .expect("open");
+    for (i, chunk) in pat(len, seed).chunks(MIB).enumerate() {
+        f.write_all_at(chunk, (off + i * MIB) as u64)
+            .expect("write");
+    }
+    f.sync_all().expect("fsync");
+}
+
+#[test]
+fn snapshot_keeps_its_bytes_when_their_segment_is_compacted() {
+    // Segment 1 ends up with A's live chunks, A's pre-snapshot chunks that only the snapshot
+    // holds, and B's dead first versions (more than half): the compactor must move the
+    // snapshot's chunks along with the live ones.
+    let v = TestVolume::new();
+    let d = v.daemon();
+    let (a, b) = (v.path("a"), v.path("b"));
+    write_pattern(&a, 0, 24 * MIB, 1);
+    snap(d, VOLUME, "before");
+    write_pattern(&b, 0, 40 * MIB, 3);
+    write_pattern(&b, 0, 40 * MIB, 4);
+    write_pattern(&a, 0, 16 * MIB, 2);
+    let t0 = Instant::now();
+    while !d.log().contains("compacted segments") && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("segment compaction after {:.1?}", t0.elapsed());
+    assert!(
+        d.log().contains("compacted segments"),
+        "no segment was compacted within 30 s; daemon log:\n{}",
+        d.log()
+    );
+    let s = mount_at_new(d, "testvol@before", true);
+    let got = fs::read(s.path.join("a")).expect("read a in the snapshot");
+    assert!(
+        got == pat(24 * MIB, 1),
+        "the snapshot's a changed after compaction ({} bytes, {} differ)",
+        got.len(),
+        got.iter()
+            .zip(pat(24 * MIB, 1))
+            .filter(|(x, y)| *x != y)
+            .count()
+    );
+    assert!(!s.path.join("b").exists(), "b is in the snapshot");
+    d.umount(&s.path);
+    let mut want = pat(16 * MIB, 2);
+    want.extend_from_slice(&pat(24 * MIB, 1)[16 * MIB..]);
+    assert!(fs::read(&a).expect("read a") == want, "the volume's a");
+    assert!(
+        fs::read(&b).expect("read b") == pat(40 * MIB, 4),
+        "the volume's b"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. restart
 // ---------------------------------------------------------------------------------------------
