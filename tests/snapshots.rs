@@ -1086,7 +1086,7 @@ fn write_through_mapping(f: &File, data: &[u8]) -> impl Drop {
 fn snapshot_takes_what_a_shared_mapping_wrote_without_msync() {
     let v = TestVolume::new();
     let d = v.daemon();
-    let data = pat(256 * KIB, 11);
+    let data = pat(8 * MIB, 11);
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -1157,29 +1157,41 @@ fn snapshot_create_names_and_refusals() {
             .unwrap_or_else(|| panic!("snapshot create printed {b:?}"))
             .to_string();
         let allowed: Vec<String> = (t_before..=t_after).map(utc_name).collect();
-        assert!(
-            allowed.contains(&a),
-            "default name {a:?}, expected one of {allowed:?}"
-        );
-        let b_base = b.strip_suffix(".2").unwrap_or(&b);
-        assert!(allowed.iter().any(|n| n == b_base), "default name {b:?}");
-        if b == format!("{a}.2") {
-            same_second = true;
-            // `created` of the JSON listing is that same second.
-            let created = snap_ls_json(d, VOLUME)
-                .iter()
-                .find(|s| s["name"] == a.as_str())
-                .map(|s| s["created"].as_i64().expect("created"))
-                .expect("listed");
-            assert_eq!(utc_name(created), a, "created of {a}");
-            break;
+        // `BASE` is the first of its second, `BASE.N` the N-th.
+        let split = |n: &str| -> (String, u32) {
+            match n.split_once('.') {
+                Some((base, k)) => (
+                    base.to_string(),
+                    k.parse()
+                        .unwrap_or_else(|_| panic!("default name {n:?}: bad suffix")),
+                ),
+                None => (n.to_string(), 1),
+            }
+        };
+        let ((base_a, k_a), (base_b, k_b)) = (split(&a), split(&b));
+        for base in [&base_a, &base_b] {
+            assert!(
+                allowed.contains(base),
+                "default names {a:?}, {b:?}: expected the UTC time, one of {allowed:?}"
+            );
         }
-        assert_ne!(a, b, "two snapshots got the same name");
-        assert_eq!(
-            b.len(),
-            15,
-            "a snapshot in the next second is not suffixed: {b}"
-        );
+        if base_a == base_b {
+            assert_eq!(k_b, k_a + 1, "two snapshots in one second: {a}, then {b}");
+            if k_a == 1 {
+                assert_eq!(b, format!("{a}.2"));
+                same_second = true;
+                // `created` of the JSON listing is that same second.
+                let created = snap_ls_json(d, VOLUME)
+                    .iter()
+                    .find(|s| s["name"] == a.as_str())
+                    .map(|s| s["created"].as_i64().expect("created"))
+                    .expect("listed");
+                assert_eq!(utc_name(created), a, "created of {a}");
+                break;
+            }
+        } else {
+            assert_eq!(k_b, 1, "the first snapshot of its second is suffixed: {b}");
+        }
     }
     assert!(
         same_second,
@@ -1382,6 +1394,74 @@ fn snapshot_rm_is_refused_while_mounted_and_volume_rm_takes_the_snapshots() {
         "the new vol2 is not empty"
     );
     d.umount(&w.path);
+}
+
+#[test]
+fn removals_leave_no_snapshot_keys_in_the_store() {
+    let mut d = Daemon::start();
+    for vol in ["gone", "kept"] {
+        d.create(vol);
+        let w = mount_at_new(&d, vol, false);
+        for i in 0..3u64 {
+            fs::write(w.path.join("f"), pat(300 * KIB, i)).expect("write");
+            fs::write(w.path.join(format!("g{i}")), b"g").expect("write");
+            snap(&d, vol, &format!("s{i}"));
+        }
+        fs::remove_file(w.path.join("g0")).expect("rm");
+        d.umount(&w.path);
+    }
+    assert_eq!(d.cli_ok(&["rm", "gone"]), "gone\n");
+    d.create("gone");
+    for s in ["kept@s0", "kept@s2"] {
+        assert_eq!(d.cli_ok(&["snapshot", "rm", s]), format!("{s}\n"));
+    }
+    d.shutdown();
+
+    let store = volfs::store::Store::open(d.root()).expect("open the stopped daemon's store");
+    let mut ids = BTreeMap::new();
+    for item in store.volumes.iter() {
+        let (k, v) = item.expect("read a volume record");
+        let rec = volfs::store::VolumeRecord::decode(&v).expect("volume record");
+        ids.insert(rec.id, String::from_utf8_lossy(&k).into_owned());
+    }
+    // (volume, tag) -> keys; snapshot ids of the layers and records.
+    let mut count: BTreeMap<(String, char), usize> = BTreeMap::new();
+    let mut layer_ids: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    for k in store.fs.iter().keys() {
+        let k = k.expect("read a key");
+        let vol = u64::from_be_bytes(k[..8].try_into().expect("8-byte volume prefix"));
+        let name = ids
+            .get(&vol)
+            .cloned()
+            .unwrap_or_else(|| format!("unreachable volume {vol}"));
+        let tag = k[8];
+        if tag == volfs::store::TAG_LAYER || tag == volfs::store::TAG_SNAPSHOT {
+            let id = u64::from_be_bytes(k[9..17].try_into().expect("snapshot id"));
+            layer_ids.entry(name.clone()).or_default().insert(id);
+        }
+        *count.entry((name, tag as char)).or_default() += 1;
+    }
+    assert!(
+        count.keys().all(|(n, _)| !n.starts_with("unreachable")),
+        "keys of removed volumes remain: {count:?}"
+    );
+    for tag in ['S', 'T'] {
+        assert_eq!(
+            count.get(&("gone".to_string(), tag)),
+            None,
+            "the new volume `gone` has snapshot keys ({tag}): {count:?}"
+        );
+    }
+    assert_eq!(
+        count.get(&("kept".to_string(), 'T')),
+        Some(&1),
+        "`kept` should have one snapshot record left: {count:?}"
+    );
+    assert_eq!(
+        layer_ids.get("kept").map(BTreeSet::len),
+        Some(1),
+        "layer keys of removed snapshots remain: {layer_ids:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
