@@ -22,3 +22,4 @@ mod posix_concurrency;
 mod posix_namespace;
 mod posix_persist;
 mod restart;
+mod snapshots;

@@ -925,7 +925,8 @@ pub fn run_within(mut cmd: CleanCommand, limit: Duration) -> Option<Output> {
         .unwrap_or_else(|e| panic!("run {:?}: {e}", cmd.program))
 }
 
-/// Parse the output of `volfs ls` into `(volume, mount point, read_only)`.
+/// Parse the output of `volfs ls` into `(volume, mount point, read_only)`. A snapshot mount,
+/// listed as `PATH (ro, @SNAP)`, counts as a read-only mount of its volume.
 pub fn parse_ls(out: &str) -> Vec<(String, PathBuf, bool)> {
     let mut v = Vec::new();
     for line in out.lines().skip(1) {

@@ -15,6 +15,15 @@
  *         readdir open DIR, readdir() until the end (count checked), close
  *         unlink  unlinkat()
  *       then rmdir DIR.  Prints JSON with the seconds of each phase.
+ *
+ *   helper stall FILE STOPFILE
+ *       Creates/truncates FILE and pwrite()s 64-byte records into its first
+ *       64 KiB in a loop until STOPFILE exists (checked every 64 writes).
+ *       Prints JSON: the number of writes, the largest gap between two
+ *       consecutive write() completions, and every gap over 2 ms as
+ *       [end, seconds] with `end` on CLOCK_MONOTONIC (Python's
+ *       time.monotonic()), so the caller can tell which gaps fell in which
+ *       interval.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -118,9 +127,48 @@ static int meta(const char *dir, long n) {
     return 0;
 }
 
+static int stall(const char *path, const char *stopfile) {
+    char rec[64];
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) die("open", path);
+    size_t cap = 4096, ngaps = 0;
+    double *gaps = malloc(cap * 2 * sizeof(double));
+    if (!gaps) die("alloc", NULL);
+    long writes = 0;
+    double max_gap = 0, last = now();
+    for (;;) {
+        if (writes % 64 == 0 && access(stopfile, F_OK) == 0) break;
+        memset(rec, 'a' + (int)(writes % 26), sizeof rec);
+        if (pwrite(fd, rec, sizeof rec, (off_t)(writes % 1024) * 64) != (ssize_t)sizeof rec)
+            die("pwrite", path);
+        double t = now(), gap = t - last;
+        last = t;
+        writes++;
+        if (gap > max_gap) max_gap = gap;
+        if (gap > 0.002) {
+            if (ngaps == cap) {
+                cap *= 2;
+                gaps = realloc(gaps, cap * 2 * sizeof(double));
+                if (!gaps) die("alloc", NULL);
+            }
+            gaps[2 * ngaps] = t;
+            gaps[2 * ngaps + 1] = gap;
+            ngaps++;
+        }
+    }
+    if (close(fd) != 0) die("close", path);
+    printf("{\"writes\": %ld, \"max_gap_s\": %.6f, \"gaps\": [", writes, max_gap);
+    for (size_t i = 0; i < ngaps; i++)
+        printf("%s[%.6f, %.6f]", i ? ", " : "", gaps[2 * i], gaps[2 * i + 1]);
+    printf("]}\n");
+    free(gaps);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "seqwrite") == 0) return seqwrite(argv[2], atol(argv[3]));
     if (argc == 4 && strcmp(argv[1], "meta") == 0) return meta(argv[2], atol(argv[3]));
-    fprintf(stderr, "usage: helper seqwrite FILE MIB | helper meta DIR N\n");
+    if (argc == 4 && strcmp(argv[1], "stall") == 0) return stall(argv[2], argv[3]);
+    fprintf(stderr, "usage: helper seqwrite FILE MIB | helper meta DIR N | helper stall FILE STOPFILE\n");
     return 2;
 }
