@@ -304,6 +304,26 @@ impl Peers {
         self.drop_caches(all_inodes, true);
     }
 
+    /// Has every present mount's kernel write back the pages it holds dirty for `inos`
+    /// (shared writable mmaps): a page invalidation launders each dirty page with a WRITE
+    /// and waits for it, which `syncfs` on a FUSE mount does not. Mounts an earlier daemon
+    /// served (whose open files this one never counted) do it for `all_inodes`. Not for
+    /// request threads: it waits for those WRITEs.
+    pub fn write_back(&self, inos: &[u64], all_inodes: impl Fn() -> Vec<u64>) {
+        let present: Vec<Arc<MountState>> = lock(&self.mounts).clone();
+        for m in present {
+            let Some(n) = m.notifier.get() else { continue };
+            let list = if m.resumed {
+                all_inodes()
+            } else {
+                inos.to_vec()
+            };
+            for ino in list {
+                let _ = n.inval_inode(INodeNo(ino), 0, 0);
+            }
+        }
+    }
+
     /// Every present mount's kernel drops its cached names and the attributes (and with
     /// `pages`, the page cache) of every inode it knows.
     fn drop_caches(&self, all_inodes: impl Fn() -> Vec<u64>, pages: bool) {

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -1619,7 +1619,7 @@ impl Registry {
         Ok(info)
     }
 
-    /// Writes back what the kernels of the volume's writable mounts hold dirty (pages of
+    /// Has the kernels of the volume's mounts write back what they hold dirty (pages of
     /// shared writable mmaps), then takes the snapshot.
     fn take_snapshot(
         &self,
@@ -1628,20 +1628,12 @@ impl Registry {
         snap: &str,
         temporary: bool,
     ) -> Result<(u64, crate::snap::SnapshotRecord, Duration), String> {
-        let writable: Vec<PathBuf> = lock(&self.mounts)
-            .iter()
-            .filter(|(_, m)| m.volume == name && !m.read_only)
-            .map(|(p, _)| p.clone())
-            .collect();
-        for p in writable {
-            match std::fs::File::open(&p) {
-                Ok(f) => {
-                    if let Err(e) = nix::unistd::syncfs(f.as_raw_fd()) {
-                        tracing::warn!(path = %p.display(), "syncfs before a snapshot: {e}");
-                    }
-                }
-                Err(e) => tracing::warn!(path = %p.display(), "syncfs before a snapshot: {e}"),
-            }
+        // Pages dirtied through shared writable mmaps are in the kernels until written
+        // back: have them written now, so the snapshot holds them.
+        let live = lock(&self.open).get(&(rec.id, None)).cloned();
+        if let Some((fs, peers)) = &live {
+            let f = fs.clone();
+            peers.write_back(&fs.open_inodes(), move || f.inodes().unwrap_or_default());
         }
         let open = lock(&self.open)
             .get(&(rec.id, None))

@@ -207,6 +207,16 @@ impl SledFs {
         Ok(fs)
     }
 
+    /// The inodes the kernel holds open (through any mount), as far as this daemon saw
+    /// them opened.
+    pub fn open_inodes(&self) -> Vec<Ino> {
+        lock(&self.open_handles)
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, _)| *i)
+            .collect()
+    }
+
     /// The volume's name (`VOL@SNAP` for a snapshot).
     pub fn name(&self) -> &str {
         &self.name
