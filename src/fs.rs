@@ -436,11 +436,6 @@ impl Mounted {
         }
     }
 
-    /// Has the kernel queue again the requests an earlier daemon read but never answered.
-    pub fn resend(&self) -> std::io::Result<()> {
-        self.state.notify_raw(FUSE_NOTIFY_RESEND)
-    }
-
     /// The connection's descriptor (for the keeper).
     pub fn device(&self) -> BorrowedFd<'_> {
         self.state.dev.as_fd()
@@ -554,6 +549,13 @@ pub fn resume<F: FileSystem>(
         theirs_raw,
         nix::fcntl::OFlag::O_CLOEXEC,
     )?;
+    // Before any loop of ours reads: the kernel requeues exactly what the dead daemon read
+    // and never answered. Sent later, it would also requeue requests this daemon is still
+    // working on, and a first run finishing after the second (and after what the caller
+    // did next) would undo it.
+    if let Err(e) = state.notify_raw(FUSE_NOTIFY_RESEND) {
+        tracing::warn!("asking the kernel to resend requests: {e}");
+    }
     serve(session, spec, state)
 }
 

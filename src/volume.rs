@@ -479,16 +479,6 @@ impl Registry {
             }
             let _ = self.keeper.release(&path);
         }
-        {
-            let mounts = lock(&self.mounts);
-            for p in &resumed {
-                if let Some(m) = mounts.get(p) {
-                    if let Err(e) = m.mounted.resend() {
-                        tracing::warn!(path = %p.display(), "asking the kernel to resend requests: {e}");
-                    }
-                }
-            }
-        }
         for (path, rec) in table {
             if resumed.contains(&path) {
                 continue;
