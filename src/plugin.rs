@@ -676,6 +676,14 @@ impl Plugin {
             s.insert("bytes".into(), json!(u.bytes));
             s.insert("inodes".into(), json!(u.inodes));
         }
+        if !info.name.contains('@') {
+            match self.registry.snapshot_list(&info.name) {
+                Ok(l) => {
+                    s.insert("snapshots".into(), json!(l.len()));
+                }
+                Err(e) => tracing::warn!(volume = info.name, "{e}"),
+            }
+        }
         if let Some(limit) = info.limit_bytes {
             s.insert("limit".into(), json!(human_size(limit)));
         }

@@ -11,7 +11,7 @@
 //! share the machine's containerd shims, cgroups and mount tables, and timing assertions
 //! (`docker stop` after a daemon crash) need the CPU.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -1572,6 +1572,100 @@ fn docker_backup_recipe_and_restore_into_a_fresh_volume() {
     let from = format!("from={}", backup.join("flat.tar").display());
     dk.create(&["-o", &from, "bk3"]);
     assert_eq!(dk.run(&["-v", "bk3:/data", IMAGE, "sh", "-c", check]), want);
+}
+
+#[test]
+fn docker_volfs_export_of_a_volume_a_container_writes_is_consistent_and_restores() {
+    let _t = Timed::new("volfs export under a writing container");
+    let dk = Docker::start();
+    dk.create(&["live"]);
+    // The container keeps two files in step: `a` is replaced with generation g (written
+    // aside, renamed over), then `b`, so at any instant a is g or g+1 when b is g.
+    dk.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "pairs",
+        "--network",
+        "none",
+        "-v",
+        "live:/data",
+        IMAGE,
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; g=0; while true; do g=$((g+1)); \
+         for f in a b; do echo $g > /data/t; seq 1 $((200 + g % 50)) >> /data/t; mv /data/t /data/$f; done; done",
+    ]);
+    let dir = dk.volfs.root().join("exports");
+    fs::create_dir_all(&dir).expect("exports dir");
+    wait_for("the writer", Duration::from_secs(20), || {
+        dk.volfs
+            .cli(&[
+                "export",
+                "live",
+                "-o",
+                dir.join("probe.tar").to_str().expect("utf-8"),
+            ])
+            .status
+            .success()
+            && tar::Archive::new(fs::File::open(dir.join("probe.tar")).expect("probe"))
+                .entries()
+                .expect("entries")
+                .filter_map(Result::ok)
+                .any(|e| e.path().is_ok_and(|p| p.ends_with("b")))
+    });
+    let gen_of = |data: &[u8]| -> u64 {
+        let text = String::from_utf8_lossy(data).into_owned();
+        let mut lines = text.lines();
+        let g: u64 = lines.next().expect("generation").parse().expect("number");
+        let want: Vec<String> = (1..=200 + g % 50).map(|i| i.to_string()).collect();
+        assert_eq!(
+            lines.map(str::to_string).collect::<Vec<_>>(),
+            want,
+            "a torn file"
+        );
+        g
+    };
+    let mut gens = BTreeSet::new();
+    for i in 0..8 {
+        let path = dir.join(format!("{i}.tar"));
+        dk.volfs
+            .cli_ok(&["export", "live", "-o", path.to_str().expect("utf-8")]);
+        let mut files = BTreeMap::new();
+        for e in tar::Archive::new(fs::File::open(&path).expect("archive"))
+            .entries()
+            .expect("entries")
+        {
+            let mut e = e.expect("entry");
+            let name = e.path().expect("path").display().to_string();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).expect("read entry");
+            files.insert(name, data);
+        }
+        let (a, b) = (gen_of(&files["./a"]), gen_of(&files["./b"]));
+        assert!(a == b || a == b + 1, "export {i}: a at {a}, b at {b}");
+        gens.insert(b);
+    }
+    assert!(gens.len() > 2, "the container barely wrote: {gens:?}");
+    dk.docker_ok(&["rm", "-f", "pairs"]);
+    // Restore the last archive into a new volume and read it from a container.
+    let last = dir.join("7.tar");
+    dk.volfs
+        .cli_ok(&["import", "restored", last.to_str().expect("utf-8")]);
+    let out = dk.run(&[
+        "-v",
+        "restored:/data",
+        IMAGE,
+        "sh",
+        "-c",
+        "head -1 /data/a; head -1 /data/b",
+    ]);
+    let mut lines = out.lines().map(|l| l.parse::<u64>().expect("generation"));
+    let (a, b) = (lines.next().expect("a"), lines.next().expect("b"));
+    assert!(a == b || a == b + 1, "restored: a at {a}, b at {b}");
+    assert_eq!(dk.inspect("restored")["Status"]["snapshots"], 0);
+    dk.volfs.cli_ok(&["snapshot", "create", "restored", "r1"]);
+    assert_eq!(dk.inspect("restored")["Status"]["snapshots"], 1);
 }
 
 #[test]
