@@ -123,7 +123,12 @@ fn work(w: &Worker, seed: u64, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let names: Vec<String> = lock(&w.acked).keys().cloned().collect();
         let pick = |rng: &mut rand::rngs::StdRng| names[rng.gen_range(0..names.len())].clone();
-        match rng.gen_range(0..10) {
+        // Past 300 files a create becomes an unlink: long runs stay bounded in size.
+        let op = match rng.gen_range(0..10) {
+            0..=4 if names.len() >= 300 => 8,
+            op => op,
+        };
+        match op {
             0..=4 => {
                 n += 1;
                 let name = format!("f{n}");
