@@ -4,12 +4,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use crate::util::{CleanCommand, Daemon, TestVolume, VOLUME, open_tempdir, run_within};
+use crate::util::{
+    CleanCommand, Daemon, TestVolume, VOLUME, chmod, lchown, open_tempdir, run_within, set_times,
+};
 
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
@@ -47,34 +49,6 @@ fn run_ok(args: &[&str]) -> Output {
         String::from_utf8_lossy(&o.stderr)
     );
     o
-}
-
-fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
-    use nix::sys::time::TimeSpec;
-    nix::sys::stat::utimensat(
-        None,
-        p,
-        &TimeSpec::new(atime.0, atime.1),
-        &TimeSpec::new(mtime.0, mtime.1),
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .unwrap_or_else(|e| panic!("utimensat {}: {e}", p.display()));
-}
-
-fn lchown(p: &Path, uid: u32, gid: u32) {
-    nix::unistd::fchownat(
-        None,
-        p,
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(gid)),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .unwrap_or_else(|e| panic!("lchown {}: {e}", p.display()));
-}
-
-fn chmod(p: &Path, mode: u32) {
-    fs::set_permissions(p, fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
 }
 
 /// Every entry below `root` as the archive names it (`./`, `./d/`, `./d/f`), with its path
