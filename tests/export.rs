@@ -51,6 +51,30 @@ fn run_ok(args: &[&str]) -> Output {
     o
 }
 
+/// GNU tar finds archive `tar` equal to the tree at `dir`, xattrs, ACLs and owners included.
+#[track_caller]
+fn assert_tar_compare(dir: &str, tar: &str, what: &str) {
+    let cmp = run(&[
+        "tar",
+        "--compare",
+        "--xattrs",
+        "--xattrs-include=*",
+        "--acls",
+        "--numeric-owner",
+        "-C",
+        dir,
+        "-f",
+        tar,
+    ]);
+    assert!(
+        cmp.status.success() && cmp.stdout.is_empty() && cmp.stderr.is_empty(),
+        "{what}: {}\n{}{}",
+        cmp.status,
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+}
+
 /// Every entry below `root` as the archive names it (`./`, `./d/`, `./d/f`), with its path
 /// relative to `root`: the root first, then depth-first, names sorted bytewise.
 fn archive_order(root: &Path) -> Vec<(String, PathBuf)> {
@@ -321,25 +345,7 @@ fn export_of_a_varied_tree_is_read_compared_and_extracted_exactly_by_gnu_tar_and
             "{lister} -tvf"
         );
     }
-    let cmp = run(&[
-        "tar",
-        "--compare",
-        "--xattrs",
-        "--xattrs-include=*",
-        "--acls",
-        "--numeric-owner",
-        "-C",
-        mnt,
-        "-f",
-        tar,
-    ]);
-    assert!(
-        cmp.status.success() && cmp.stdout.is_empty() && cmp.stderr.is_empty(),
-        "tar --compare: {}\n{}{}",
-        cmp.status,
-        String::from_utf8_lossy(&cmp.stdout),
-        String::from_utf8_lossy(&cmp.stderr)
-    );
+    assert_tar_compare(mnt, tar, "tar --compare");
     let dest = dir.path().join("extracted");
     fs::create_dir(&dest).unwrap();
     run_ok(&[
@@ -377,24 +383,10 @@ fn export_of_a_varied_tree_is_read_compared_and_extracted_exactly_by_gnu_tar_and
     let smnt = open_tempdir();
     d.mount(&format!("{VOLUME}@s1"), smnt.path(), false);
     let s1 = dir.path().join("s1.tar");
-    let cmp = run(&[
-        "tar",
-        "--compare",
-        "--xattrs",
-        "--xattrs-include=*",
-        "--acls",
-        "--numeric-owner",
-        "-C",
+    assert_tar_compare(
         smnt.path().to_str().unwrap(),
-        "-f",
         s1.to_str().unwrap(),
-    ]);
-    assert!(
-        cmp.status.success() && cmp.stdout.is_empty() && cmp.stderr.is_empty(),
-        "tar --compare against the mounted snapshot: {}\n{}{}",
-        cmp.status,
-        String::from_utf8_lossy(&cmp.stdout),
-        String::from_utf8_lossy(&cmp.stderr)
+        "tar --compare against the mounted snapshot",
     );
     d.umount(smnt.path());
 }
