@@ -831,6 +831,25 @@ impl Docker {
         self.docker_fails(&all, code)
     }
 
+    /// `docker run -d --name NAME --network none -v VOLUME IMAGE sh -c SCRIPT`.
+    #[track_caller]
+    fn run_detached(&self, name: &str, volume: &str, script: &str) -> String {
+        self.docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "-v",
+            volume,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
     /// `docker volume create -d DRIVER args…`.
     #[track_caller]
     fn create(&self, args: &[&str]) -> String {
@@ -1217,20 +1236,11 @@ fn docker_ro_mounts_and_readonly_volumes_refuse_writes() {
     assert_eq!(dk.inspect("ro1")["Status"]["readonly"], true);
     let err = dk.run_fails(&["-v", "ro1:/vol", IMAGE, "touch", "/vol/x"], 1);
     assert!(err.contains(&format!("touch: /vol/x: {EROFS}")), "{err}");
-    dk.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
+    dk.run_detached(
         "holder",
-        "--network",
-        "none",
-        "-v",
         "ro1:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "trap 'exit 0' TERM; while true; do sleep 0.1; done",
-    ]);
+    );
     let mp = dk.mountpoint("ro1");
     wait_for(
         "the read-only volume's mount",
@@ -1348,20 +1358,7 @@ fn docker_two_containers_share_one_volume_at_the_same_time() {
         )
     };
     for (me, other) in [("a", "b"), ("b", "a")] {
-        dk.docker_ok(&[
-            "run",
-            "-d",
-            "--name",
-            &format!("c{me}"),
-            "--network",
-            "none",
-            "-v",
-            "shared:/vol",
-            IMAGE,
-            "sh",
-            "-c",
-            &script(me, other),
-        ]);
+        dk.run_detached(&format!("c{me}"), "shared:/vol", &script(me, other));
     }
     wait_for(
         "both containers to read each other's file",
@@ -1581,21 +1578,12 @@ fn docker_volfs_export_of_a_volume_a_container_writes_is_consistent_and_restores
     dk.create(&["live"]);
     // The container keeps two files in step: `a` is replaced with generation g (written
     // aside, renamed over), then `b`, so at any instant a is g or g+1 when b is g.
-    dk.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
+    dk.run_detached(
         "pairs",
-        "--network",
-        "none",
-        "-v",
         "live:/data",
-        IMAGE,
-        "sh",
-        "-c",
         "trap 'exit 0' TERM; g=0; while true; do g=$((g+1)); \
          for f in a b; do echo $g > /data/t; seq 1 $((200 + g % 50)) >> /data/t; mv /data/t /data/$f; done; done",
-    ]);
+    );
     let dir = dk.volfs.root().join("exports");
     fs::create_dir_all(&dir).expect("exports dir");
     wait_for("the writer", Duration::from_secs(20), || {
@@ -1703,20 +1691,11 @@ fn docker_refuses_rm_of_a_volume_in_use_and_cp_keeps_the_mount() {
     let _t = Timed::new("rm in use refused, docker cp");
     let mut dk = Docker::start();
     dk.create(&["busy"]);
-    dk.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
+    dk.run_detached(
         "user",
-        "--network",
-        "none",
-        "-v",
         "busy:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "trap 'exit 0' TERM; while true; do sleep 0.1; done",
-    ]);
+    );
     let mp = dk.mountpoint("busy");
     wait_for("the container's mount", Duration::from_secs(20), || {
         is_volfs(&mp)
@@ -1775,21 +1754,12 @@ fn docker_container_keeps_writing_across_kill_9_of_the_daemon() {
     let _t = Timed::new("kill -9 of volfs-mountd under a writing container");
     let mut dk = Docker::start();
     dk.create(&["k9"]);
-    dk.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
+    dk.run_detached(
         "writer",
-        "--network",
-        "none",
-        "-v",
         "k9:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "trap 'exit 0' TERM; i=0; while true; do i=$((i+1)); \
          echo $i >> /vol/log || echo FAIL $i >&2; sleep 0.02; done",
-    ]);
+    );
     let mp = dk.mountpoint("k9");
     let lines = |mp: &Path| {
         fs::read_to_string(mp.join("log"))
