@@ -850,6 +850,12 @@ impl Docker {
         ])
     }
 
+    /// `docker run --rm --network none -v VOLUME IMAGE sh -c SCRIPT` (stdout), which must succeed.
+    #[track_caller]
+    fn run_sh(&self, volume: &str, script: &str) -> String {
+        self.run(&["-v", volume, IMAGE, "sh", "-c", script])
+    }
+
     /// `docker volume create -d DRIVER args…`.
     #[track_caller]
     fn create(&self, args: &[&str]) -> String {
@@ -980,14 +986,10 @@ fn docker_host_mount_binds_into_containers_like_a_directory() {
     let bind = format!("{}:/data", mnt.display());
     let bind_ro = format!("{}:/data:ro", mnt.display());
 
-    let out = dk.run(&[
-        "-v",
+    let out = dk.run_sh(
         &bind,
-        IMAGE,
-        "sh",
-        "-c",
         "cat /data/from-host && printf 'container bytes\\n' > /data/from-root && ls /data",
-    ]);
+    );
     assert_eq!(out, "host bytes\nfrom-host\nfrom-root\nu\n");
     assert_eq!(
         fs::read(mnt.join("from-root")).expect("read"),
@@ -1149,15 +1151,11 @@ fn docker_copies_image_content_into_a_new_volume() {
     let _t = Timed::new("copy-up of image content");
     let mut dk = Docker::start();
     dk.create(&["cu"]);
-    let out = dk.run(&[
-        "-v",
+    let out = dk.run_sh(
         "cu:/data",
-        IMAGE,
-        "sh",
-        "-c",
         "stat -c '%n %u:%g %a' /data /data/seed /data/sub /data/sub/inner && \
          stat -c '%s' /data/seed /data/sub/inner && cat /data/seed /data/sub/inner",
-    ]);
+    );
     assert_eq!(
         out,
         "/data 0:0 755\n/data/seed 1000:1000 750\n/data/sub 1000:1000 700\n\
@@ -1205,7 +1203,7 @@ fn docker_ro_mounts_and_readonly_volumes_refuse_writes() {
     let _t = Timed::new(":ro and readonly=true");
     let dk = Docker::start();
     dk.create(&["rw1"]);
-    dk.run(&["-v", "rw1:/vol", IMAGE, "sh", "-c", "echo kept > /vol/f"]);
+    dk.run_sh("rw1:/vol", "echo kept > /vol/f");
     let out = dk.docker(&[
         "run",
         "--rm",
@@ -1257,27 +1255,19 @@ fn docker_mounts_a_snapshot_read_only_by_the_name_vol_at_snap() {
     let _t = Timed::new("VOL@SNAP");
     let dk = Docker::start();
     dk.create(&["snapvol"]);
-    dk.run(&[
-        "-v",
+    dk.run_sh(
         "snapvol:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "mkdir /vol/cfg && echo v1 > /vol/cfg/app.conf",
-    ]);
+    );
     assert_eq!(
         dk.volfs
             .cli_ok(&["snapshot", "create", "snapvol", "nightly"]),
         "snapvol@nightly\n"
     );
-    dk.run(&[
-        "-v",
+    dk.run_sh(
         "snapvol:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "echo v2 > /vol/cfg/app.conf; rm -r /vol/cfg",
-    ]);
+    );
     // Copy a file back from the snapshot, as a restore would.
     let out = dk.docker(&[
         "run",
@@ -1547,7 +1537,7 @@ fn docker_backup_recipe_and_restore_into_a_fresh_volume() {
     ]);
     let check = "cat /data/p /data/d/e && stat -c '%u:%g %a' /data/d/e && readlink /data/link && md5sum /data/big";
     let want = format!("payload\ndeep\n1000:1000 640\nd/e\n{sum}");
-    assert_eq!(dk.run(&["-v", "bk2:/data", IMAGE, "sh", "-c", check]), want);
+    assert_eq!(dk.run_sh("bk2:/data", check), want);
     assert_eq!(
         dk.run(&["--volumes-from", "dbstore", IMAGE, "sh", "-c", check]),
         want
@@ -1568,7 +1558,7 @@ fn docker_backup_recipe_and_restore_into_a_fresh_volume() {
     ]);
     let from = format!("from={}", backup.join("flat.tar").display());
     dk.create(&["-o", &from, "bk3"]);
-    assert_eq!(dk.run(&["-v", "bk3:/data", IMAGE, "sh", "-c", check]), want);
+    assert_eq!(dk.run_sh("bk3:/data", check), want);
 }
 
 #[test]
@@ -1640,14 +1630,7 @@ fn docker_volfs_export_of_a_volume_a_container_writes_is_consistent_and_restores
     let last = dir.join("7.tar");
     dk.volfs
         .cli_ok(&["import", "restored", last.to_str().expect("utf-8")]);
-    let out = dk.run(&[
-        "-v",
-        "restored:/data",
-        IMAGE,
-        "sh",
-        "-c",
-        "head -1 /data/a; head -1 /data/b",
-    ]);
+    let out = dk.run_sh("restored:/data", "head -1 /data/a; head -1 /data/b");
     let mut lines = out.lines().map(|l| l.parse::<u64>().expect("generation"));
     let (a, b) = (lines.next().expect("a"), lines.next().expect("b"));
     assert!(a == b || a == b + 1, "restored: a at {a}, b at {b}");
