@@ -279,7 +279,7 @@ impl Scan {
     }
 }
 
-fn be(b: &[u8]) -> u64 {
+pub(crate) fn be(b: &[u8]) -> u64 {
     u64::from_be_bytes(b.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]))
 }
 
@@ -311,6 +311,24 @@ pub(crate) fn verify_chunk(
         }
     }
     Ok(0)
+}
+
+/// [`verify_chunk`] of the chunk version `ptr` that snapshot layer key `lk` holds for the
+/// chunk key `origin`.
+pub(crate) fn verify_layer_chunk(
+    store: &Store,
+    lk: &[u8],
+    origin: &[u8],
+    ptr: ChunkPtr,
+) -> Result<u64, String> {
+    let current = || {
+        store
+            .fs
+            .get(lk)
+            .ok()
+            .map(|v| v.as_deref().and_then(crate::snap::decode_pre_ptr))
+    };
+    verify_chunk(store, origin, ptr, current)
 }
 
 /// Checks one view of volume `vol` (named `name`): the live volume (`at` None) or snapshot
@@ -532,14 +550,7 @@ fn check_raw(store: &Store, vol: u64, s: &mut Scan) {
                 continue;
             };
             s.chunks += 1;
-            let current = || {
-                store
-                    .fs
-                    .get(&lk)
-                    .ok()
-                    .map(|v| v.as_deref().and_then(crate::snap::decode_pre_ptr))
-            };
-            match verify_chunk(store, &origin, ptr, current) {
+            match verify_layer_chunk(store, &lk, &origin, ptr) {
                 Ok(n) => s.bytes += n,
                 Err(why) => s.problem(
                     ProblemKind::CorruptChunk,

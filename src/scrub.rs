@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use crate::chunks::ChunkPtr;
-use crate::fsck::verify_chunk;
+use crate::fsck::{be, verify_chunk, verify_layer_chunk};
 use crate::store::{self, CHUNK_SIZE, Store};
 
 /// What [`scrub_volume`] read.
@@ -20,10 +20,6 @@ pub struct Scrubbed {
     pub bytes: u64,
     /// One line per corrupt or unreadable chunk: volume (and snapshot), inode, offset, why.
     pub problems: Vec<String>,
-}
-
-fn be(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]))
 }
 
 /// Reads and verifies every chunk version of volume `vol` (named `name`); `progress` is
@@ -108,14 +104,7 @@ pub fn scrub_volume(store: &Store, vol: u64, name: &str, progress: &dyn Fn(u64))
             ));
             continue;
         };
-        let current = || {
-            store
-                .fs
-                .get(&lk)
-                .ok()
-                .map(|v| v.as_deref().and_then(crate::snap::decode_pre_ptr))
-        };
-        match verify_chunk(store, &origin, ptr, current) {
+        match verify_layer_chunk(store, &lk, &origin, ptr) {
             Ok(n) => {
                 out.bytes += n;
                 progress(n);

@@ -26,16 +26,7 @@ use crate::util::*;
 /// A file's content: a header naming it, then bytes derived from the seed. A file read
 /// back is either exactly this for some seed and length, or the workload never wrote it.
 fn content(name: &str, seed: u64, len: usize) -> Vec<u8> {
-    let mut v = format!("{name} {seed} {len}\n").into_bytes();
-    let mut x = seed | 1;
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
+    xorshift_fill(format!("{name} {seed} {len}\n").into_bytes(), seed | 1, len)
 }
 
 /// Whether `data`, found in file `name` (or `name.tmp`), is a prefix of something the

@@ -831,6 +831,31 @@ impl Docker {
         self.docker_fails(&all, code)
     }
 
+    /// `docker run -d --name NAME --network none -v VOLUME IMAGE sh -c SCRIPT`.
+    #[track_caller]
+    fn run_detached(&self, name: &str, volume: &str, script: &str) -> String {
+        self.docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "-v",
+            volume,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
+    /// `docker run --rm --network none -v VOLUME IMAGE sh -c SCRIPT` (stdout), which must succeed.
+    #[track_caller]
+    fn run_sh(&self, volume: &str, script: &str) -> String {
+        self.run(&["-v", volume, IMAGE, "sh", "-c", script])
+    }
+
     /// `docker volume create -d DRIVER args…`.
     #[track_caller]
     fn create(&self, args: &[&str]) -> String {
@@ -961,14 +986,10 @@ fn docker_host_mount_binds_into_containers_like_a_directory() {
     let bind = format!("{}:/data", mnt.display());
     let bind_ro = format!("{}:/data:ro", mnt.display());
 
-    let out = dk.run(&[
-        "-v",
+    let out = dk.run_sh(
         &bind,
-        IMAGE,
-        "sh",
-        "-c",
         "cat /data/from-host && printf 'container bytes\\n' > /data/from-root && ls /data",
-    ]);
+    );
     assert_eq!(out, "host bytes\nfrom-host\nfrom-root\nu\n");
     assert_eq!(
         fs::read(mnt.join("from-root")).expect("read"),
@@ -1130,15 +1151,11 @@ fn docker_copies_image_content_into_a_new_volume() {
     let _t = Timed::new("copy-up of image content");
     let mut dk = Docker::start();
     dk.create(&["cu"]);
-    let out = dk.run(&[
-        "-v",
+    let out = dk.run_sh(
         "cu:/data",
-        IMAGE,
-        "sh",
-        "-c",
         "stat -c '%n %u:%g %a' /data /data/seed /data/sub /data/sub/inner && \
          stat -c '%s' /data/seed /data/sub/inner && cat /data/seed /data/sub/inner",
-    ]);
+    );
     assert_eq!(
         out,
         "/data 0:0 755\n/data/seed 1000:1000 750\n/data/sub 1000:1000 700\n\
@@ -1186,7 +1203,7 @@ fn docker_ro_mounts_and_readonly_volumes_refuse_writes() {
     let _t = Timed::new(":ro and readonly=true");
     let dk = Docker::start();
     dk.create(&["rw1"]);
-    dk.run(&["-v", "rw1:/vol", IMAGE, "sh", "-c", "echo kept > /vol/f"]);
+    dk.run_sh("rw1:/vol", "echo kept > /vol/f");
     let out = dk.docker(&[
         "run",
         "--rm",
@@ -1217,20 +1234,11 @@ fn docker_ro_mounts_and_readonly_volumes_refuse_writes() {
     assert_eq!(dk.inspect("ro1")["Status"]["readonly"], true);
     let err = dk.run_fails(&["-v", "ro1:/vol", IMAGE, "touch", "/vol/x"], 1);
     assert!(err.contains(&format!("touch: /vol/x: {EROFS}")), "{err}");
-    dk.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
+    dk.run_detached(
         "holder",
-        "--network",
-        "none",
-        "-v",
         "ro1:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "trap 'exit 0' TERM; while true; do sleep 0.1; done",
-    ]);
+    );
     let mp = dk.mountpoint("ro1");
     wait_for(
         "the read-only volume's mount",
@@ -1247,27 +1255,19 @@ fn docker_mounts_a_snapshot_read_only_by_the_name_vol_at_snap() {
     let _t = Timed::new("VOL@SNAP");
     let dk = Docker::start();
     dk.create(&["snapvol"]);
-    dk.run(&[
-        "-v",
+    dk.run_sh(
         "snapvol:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "mkdir /vol/cfg && echo v1 > /vol/cfg/app.conf",
-    ]);
+    );
     assert_eq!(
         dk.volfs
             .cli_ok(&["snapshot", "create", "snapvol", "nightly"]),
         "snapvol@nightly\n"
     );
-    dk.run(&[
-        "-v",
+    dk.run_sh(
         "snapvol:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "echo v2 > /vol/cfg/app.conf; rm -r /vol/cfg",
-    ]);
+    );
     // Copy a file back from the snapshot, as a restore would.
     let out = dk.docker(&[
         "run",
@@ -1348,20 +1348,7 @@ fn docker_two_containers_share_one_volume_at_the_same_time() {
         )
     };
     for (me, other) in [("a", "b"), ("b", "a")] {
-        dk.docker_ok(&[
-            "run",
-            "-d",
-            "--name",
-            &format!("c{me}"),
-            "--network",
-            "none",
-            "-v",
-            "shared:/vol",
-            IMAGE,
-            "sh",
-            "-c",
-            &script(me, other),
-        ]);
+        dk.run_detached(&format!("c{me}"), "shared:/vol", &script(me, other));
     }
     wait_for(
         "both containers to read each other's file",
@@ -1550,7 +1537,7 @@ fn docker_backup_recipe_and_restore_into_a_fresh_volume() {
     ]);
     let check = "cat /data/p /data/d/e && stat -c '%u:%g %a' /data/d/e && readlink /data/link && md5sum /data/big";
     let want = format!("payload\ndeep\n1000:1000 640\nd/e\n{sum}");
-    assert_eq!(dk.run(&["-v", "bk2:/data", IMAGE, "sh", "-c", check]), want);
+    assert_eq!(dk.run_sh("bk2:/data", check), want);
     assert_eq!(
         dk.run(&["--volumes-from", "dbstore", IMAGE, "sh", "-c", check]),
         want
@@ -1571,7 +1558,7 @@ fn docker_backup_recipe_and_restore_into_a_fresh_volume() {
     ]);
     let from = format!("from={}", backup.join("flat.tar").display());
     dk.create(&["-o", &from, "bk3"]);
-    assert_eq!(dk.run(&["-v", "bk3:/data", IMAGE, "sh", "-c", check]), want);
+    assert_eq!(dk.run_sh("bk3:/data", check), want);
 }
 
 #[test]
@@ -1581,21 +1568,12 @@ fn docker_volfs_export_of_a_volume_a_container_writes_is_consistent_and_restores
     dk.create(&["live"]);
     // The container keeps two files in step: `a` is replaced with generation g (written
     // aside, renamed over), then `b`, so at any instant a is g or g+1 when b is g.
-    dk.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
+    dk.run_detached(
         "pairs",
-        "--network",
-        "none",
-        "-v",
         "live:/data",
-        IMAGE,
-        "sh",
-        "-c",
         "trap 'exit 0' TERM; g=0; while true; do g=$((g+1)); \
          for f in a b; do echo $g > /data/t; seq 1 $((200 + g % 50)) >> /data/t; mv /data/t /data/$f; done; done",
-    ]);
+    );
     let dir = dk.volfs.root().join("exports");
     fs::create_dir_all(&dir).expect("exports dir");
     wait_for("the writer", Duration::from_secs(20), || {
@@ -1652,14 +1630,7 @@ fn docker_volfs_export_of_a_volume_a_container_writes_is_consistent_and_restores
     let last = dir.join("7.tar");
     dk.volfs
         .cli_ok(&["import", "restored", last.to_str().expect("utf-8")]);
-    let out = dk.run(&[
-        "-v",
-        "restored:/data",
-        IMAGE,
-        "sh",
-        "-c",
-        "head -1 /data/a; head -1 /data/b",
-    ]);
+    let out = dk.run_sh("restored:/data", "head -1 /data/a; head -1 /data/b");
     let mut lines = out.lines().map(|l| l.parse::<u64>().expect("generation"));
     let (a, b) = (lines.next().expect("a"), lines.next().expect("b"));
     assert!(a == b || a == b + 1, "restored: a at {a}, b at {b}");
@@ -1703,20 +1674,11 @@ fn docker_refuses_rm_of_a_volume_in_use_and_cp_keeps_the_mount() {
     let _t = Timed::new("rm in use refused, docker cp");
     let mut dk = Docker::start();
     dk.create(&["busy"]);
-    dk.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
+    dk.run_detached(
         "user",
-        "--network",
-        "none",
-        "-v",
         "busy:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "trap 'exit 0' TERM; while true; do sleep 0.1; done",
-    ]);
+    );
     let mp = dk.mountpoint("busy");
     wait_for("the container's mount", Duration::from_secs(20), || {
         is_volfs(&mp)
@@ -1775,21 +1737,12 @@ fn docker_container_keeps_writing_across_kill_9_of_the_daemon() {
     let _t = Timed::new("kill -9 of volfs-mountd under a writing container");
     let mut dk = Docker::start();
     dk.create(&["k9"]);
-    dk.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
+    dk.run_detached(
         "writer",
-        "--network",
-        "none",
-        "-v",
         "k9:/vol",
-        IMAGE,
-        "sh",
-        "-c",
         "trap 'exit 0' TERM; i=0; while true; do i=$((i+1)); \
          echo $i >> /vol/log || echo FAIL $i >&2; sleep 0.02; done",
-    ]);
+    );
     let mp = dk.mountpoint("k9");
     let lines = |mp: &Path| {
         fs::read_to_string(mp.join("log"))

@@ -4,12 +4,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use crate::util::{CleanCommand, Daemon, TestVolume, VOLUME, open_tempdir, run_within};
+use crate::util::{
+    CleanCommand, Daemon, TestVolume, VOLUME, chmod, lchown, open_tempdir, run_within, set_times,
+};
 
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
@@ -49,32 +51,28 @@ fn run_ok(args: &[&str]) -> Output {
     o
 }
 
-fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
-    use nix::sys::time::TimeSpec;
-    nix::sys::stat::utimensat(
-        None,
-        p,
-        &TimeSpec::new(atime.0, atime.1),
-        &TimeSpec::new(mtime.0, mtime.1),
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .unwrap_or_else(|e| panic!("utimensat {}: {e}", p.display()));
-}
-
-fn lchown(p: &Path, uid: u32, gid: u32) {
-    nix::unistd::fchownat(
-        None,
-        p,
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(gid)),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .unwrap_or_else(|e| panic!("lchown {}: {e}", p.display()));
-}
-
-fn chmod(p: &Path, mode: u32) {
-    fs::set_permissions(p, fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+/// GNU tar finds archive `tar` equal to the tree at `dir`, xattrs, ACLs and owners included.
+#[track_caller]
+fn assert_tar_compare(dir: &str, tar: &str, what: &str) {
+    let cmp = run(&[
+        "tar",
+        "--compare",
+        "--xattrs",
+        "--xattrs-include=*",
+        "--acls",
+        "--numeric-owner",
+        "-C",
+        dir,
+        "-f",
+        tar,
+    ]);
+    assert!(
+        cmp.status.success() && cmp.stdout.is_empty() && cmp.stderr.is_empty(),
+        "{what}: {}\n{}{}",
+        cmp.status,
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
 }
 
 /// Every entry below `root` as the archive names it (`./`, `./d/`, `./d/f`), with its path
@@ -347,25 +345,7 @@ fn export_of_a_varied_tree_is_read_compared_and_extracted_exactly_by_gnu_tar_and
             "{lister} -tvf"
         );
     }
-    let cmp = run(&[
-        "tar",
-        "--compare",
-        "--xattrs",
-        "--xattrs-include=*",
-        "--acls",
-        "--numeric-owner",
-        "-C",
-        mnt,
-        "-f",
-        tar,
-    ]);
-    assert!(
-        cmp.status.success() && cmp.stdout.is_empty() && cmp.stderr.is_empty(),
-        "tar --compare: {}\n{}{}",
-        cmp.status,
-        String::from_utf8_lossy(&cmp.stdout),
-        String::from_utf8_lossy(&cmp.stderr)
-    );
+    assert_tar_compare(mnt, tar, "tar --compare");
     let dest = dir.path().join("extracted");
     fs::create_dir(&dest).unwrap();
     run_ok(&[
@@ -403,24 +383,10 @@ fn export_of_a_varied_tree_is_read_compared_and_extracted_exactly_by_gnu_tar_and
     let smnt = open_tempdir();
     d.mount(&format!("{VOLUME}@s1"), smnt.path(), false);
     let s1 = dir.path().join("s1.tar");
-    let cmp = run(&[
-        "tar",
-        "--compare",
-        "--xattrs",
-        "--xattrs-include=*",
-        "--acls",
-        "--numeric-owner",
-        "-C",
+    assert_tar_compare(
         smnt.path().to_str().unwrap(),
-        "-f",
         s1.to_str().unwrap(),
-    ]);
-    assert!(
-        cmp.status.success() && cmp.stdout.is_empty() && cmp.stderr.is_empty(),
-        "tar --compare against the mounted snapshot: {}\n{}{}",
-        cmp.status,
-        String::from_utf8_lossy(&cmp.stdout),
-        String::from_utf8_lossy(&cmp.stderr)
+        "tar --compare against the mounted snapshot",
     );
     d.umount(smnt.path());
 }

@@ -30,20 +30,6 @@ const CHUNK: usize = 16 * KIB;
 // helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Deterministic pseudo-random bytes (xorshift64*), different for every `seed`.
-fn pat(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// `pread` of up to `len` bytes at `off`, looping over short reads until EOF or an error.
 /// On an error, returns the error together with the bytes read before it.
 fn pread_all(f: &File, off: u64, len: usize) -> Result<Vec<u8>, (std::io::Error, Vec<u8>)> {
@@ -468,10 +454,6 @@ fn run_refused_daemon(root: &Path, socket: &Path, log: &Path) -> (ExitStatus, St
             );
         }
     }
-}
-
-fn stderr_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn in_proc_mounts(p: &Path) -> bool {

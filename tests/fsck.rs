@@ -71,14 +71,6 @@ fn build_tree(mnt: &Path) {
     fs::remove_file(mnt.join("c/f4")).expect("unlink");
 }
 
-fn stdout_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn volume_id(store: &Store, name: &str) -> u64 {
     store.volume(name).expect("read").expect("volume").id
 }

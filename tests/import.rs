@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use crate::lifecycle::{
-    assert_same_tree, assert_store_consistent, build_tree, mountpoint, names, pat, stderr_of,
-    stdout_of,
-};
+use crate::lifecycle::{assert_same_tree, assert_store_consistent, build_tree, mountpoint, names};
 use crate::util::*;
 
 const LIMIT: Duration = Duration::from_secs(120);

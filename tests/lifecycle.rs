@@ -29,28 +29,6 @@ const MIB: usize = 1024 * 1024;
 // helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Deterministic pseudo-random bytes (xorshift64*), different for every `seed`.
-pub(crate) fn pat(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-pub(crate) fn stdout_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-pub(crate) fn stderr_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// A fresh mount point directory (kept alive by the returned TempDir) and its canonical path.
 pub(crate) fn mountpoint() -> (TempDir, PathBuf) {
     let dir = open_tempdir();
@@ -1465,37 +1443,6 @@ fn socket_group_gives_that_group_the_socket_and_an_unknown_group_is_refused() {
 // ---------------------------------------------------------------------------------------------
 // from=: a volume that starts as a copy of a host tree or a tar file
 // ---------------------------------------------------------------------------------------------
-
-/// Sets the times of `p` itself (not of a symlink's target) with nanoseconds.
-fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
-    use nix::sys::time::TimeSpec;
-    nix::sys::stat::utimensat(
-        None,
-        p,
-        &TimeSpec::new(atime.0, atime.1),
-        &TimeSpec::new(mtime.0, mtime.1),
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .unwrap_or_else(|e| panic!("utimensat {}: {e}", p.display()));
-}
-
-fn lchown(p: &Path, uid: u32, gid: u32) {
-    nix::unistd::fchownat(
-        None,
-        p,
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(gid)),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .unwrap_or_else(|e| panic!("lchown {}: {e}", p.display()));
-}
-
-fn chmod(p: &Path, mode: u32) {
-    fs::set_permissions(p, fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
-}
-
-use std::os::unix::fs::PermissionsExt;
 
 /// A tree with every kind of entry and metadata import keeps: modes with setuid, setgid
 /// and sticky, owners, nanosecond times, xattrs (binary too), symlinks (one dangling), a

@@ -48,16 +48,11 @@ pub fn ftype(p: &Path) -> u32 {
 
 /// Deterministic, position-dependent, mostly non-zero bytes (xorshift).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
+    xorshift_fill(
+        Vec::new(),
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        len,
+    )
 }
 
 /// Read up to `len` bytes at `off` (fewer only at EOF).

@@ -88,27 +88,6 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Meta> {
     out
 }
 
-fn chmod(p: &Path, mode: u32) {
-    nix::sys::stat::fchmodat(
-        None,
-        p,
-        Mode::from_bits_truncate(mode),
-        FchmodatFlags::FollowSymlink,
-    )
-    .unwrap();
-}
-
-fn lchown(p: &Path, uid: u32, gid: u32) {
-    nix::unistd::fchownat(
-        None,
-        p,
-        Some(Uid::from_raw(uid)),
-        Some(Gid::from_raw(gid)),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
-}
-
 /// Build a tree with every kind of entry and attribute; returns (relative path, contents) of
 /// every regular file.
 fn build_tree(m: &Path) -> Vec<(PathBuf, Vec<u8>)> {

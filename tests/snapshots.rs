@@ -11,7 +11,6 @@ use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::stat::{FchmodatFlags, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
-use nix::unistd::{Gid, Uid};
+use nix::unistd::Uid;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -33,28 +32,6 @@ const MIB: usize = 1024 * 1024;
 // ---------------------------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Deterministic pseudo-random bytes (xorshift64*), different for every `seed`.
-fn pat(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn stdout_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// A mount point directory; whatever is mounted there is lazily unmounted before the
 /// directory is removed, so it may be dropped in any order relative to its daemon.
@@ -159,27 +136,6 @@ fn tool(prog: &str, args: &[&str]) -> String {
 
 fn p2s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-fn chmod(p: &Path, mode: u32) {
-    nix::sys::stat::fchmodat(
-        None,
-        p,
-        Mode::from_bits_truncate(mode),
-        FchmodatFlags::FollowSymlink,
-    )
-    .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
-}
-
-fn lchown(p: &Path, uid: u32, gid: u32) {
-    nix::unistd::fchownat(
-        None,
-        p,
-        Some(Uid::from_raw(uid)),
-        Some(Gid::from_raw(gid)),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .unwrap_or_else(|e| panic!("lchown {}: {e}", p.display()));
 }
 
 fn set_mtime(p: &Path, secs: i64, nsecs: i64) {

@@ -1595,6 +1595,76 @@ impl Drop for TestVolume {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Data, output and metadata helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Deterministic pseudo-random bytes (xorshift64*), different for every `seed`.
+pub fn pat(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// `v` extended to exactly `len` bytes with xorshift (13, 7, 17) words from state `x`.
+pub fn xorshift_fill(mut v: Vec<u8>, mut x: u64, len: usize) -> Vec<u8> {
+    v.reserve(len.saturating_sub(v.len()) + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn stdout_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Sets the times of `p` itself (not of a symlink's target) with nanoseconds.
+pub fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
+    use nix::sys::time::TimeSpec;
+    nix::sys::stat::utimensat(
+        None,
+        p,
+        &TimeSpec::new(atime.0, atime.1),
+        &TimeSpec::new(mtime.0, mtime.1),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap_or_else(|e| panic!("utimensat {}: {e}", p.display()));
+}
+
+/// Sets the owner of `p` itself (not of a symlink's target).
+pub fn lchown(p: &Path, uid: u32, gid: u32) {
+    nix::unistd::fchownat(
+        None,
+        p,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .unwrap_or_else(|e| panic!("lchown {}: {e}", p.display()));
+}
+
+/// Sets the mode of `p` (of a symlink's target).
+pub fn chmod(p: &Path, mode: u32) {
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+}
+
 // Self-tests of the helpers that need no daemon.
 #[test]
 fn util_run_as_switches_user_and_returns_value() {
