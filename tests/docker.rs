@@ -358,8 +358,8 @@ fn plugin_protocol_answers_every_endpoint_and_refuses_bad_input() {
     assert_eq!(v["Volume"]["CreatedAt"], created.as_str());
     assert_eq!(
         v["Volume"]["Status"],
-        json!({"size": "0B", "bytes": 0, "inodes": 1, "limit": "1GiB", "readonly": false,
-               "mounts": 0, "mountpoints": []})
+        json!({"size": "0B", "bytes": 0, "inodes": 1, "snapshots": 0, "limit": "1GiB",
+               "readonly": false, "mounts": 0, "mountpoints": []})
     );
     d.create("cli-made");
     let list = ok(&mut c, "/VolumeDriver.List", json!({}));
