@@ -1180,7 +1180,7 @@ impl Daemon {
     }
 
     #[track_caller]
-    fn cli_within(&self, args: &[&str], limit: Duration) -> Output {
+    pub fn cli_within(&self, args: &[&str], limit: Duration) -> Output {
         let mut cmd = CleanCommand::new(VOLFS);
         cmd.arg("--socket")
             .arg(&self.socket)
