@@ -856,6 +856,22 @@ impl Docker {
         self.run(&["-v", volume, IMAGE, "sh", "-c", script])
     }
 
+    /// `docker run --rm --network none -v VOLUME IMAGE sh -c SCRIPT`, whatever its exit.
+    fn sh_output(&self, volume: &str, script: &str) -> Output {
+        self.docker(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            volume,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
     /// `docker volume create -d DRIVER args…`.
     #[track_caller]
     fn create(&self, args: &[&str]) -> String {
@@ -1022,18 +1038,7 @@ fn docker_host_mount_binds_into_containers_like_a_directory() {
     );
 
     // :ro reads, refuses writes.
-    let out = dk.docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "-v",
-        &bind_ro,
-        IMAGE,
-        "sh",
-        "-c",
-        "cat /data/from-host; echo x > /data/w",
-    ]);
+    let out = dk.sh_output(&bind_ro, "cat /data/from-host; echo x > /data/w");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out.stdout), "host bytes\n");
     assert!(
@@ -1204,18 +1209,10 @@ fn docker_ro_mounts_and_readonly_volumes_refuse_writes() {
     let dk = Docker::start();
     dk.create(&["rw1"]);
     dk.run_sh("rw1:/vol", "echo kept > /vol/f");
-    let out = dk.docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "-v",
+    let out = dk.sh_output(
         "rw1:/vol:ro",
-        IMAGE,
-        "sh",
-        "-c",
         "cat /vol/f; echo x > /vol/f; echo $? >&2; mkdir /vol/d",
-    ]);
+    );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out.stdout), "kept\n");
     assert_eq!(
