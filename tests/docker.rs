@@ -629,6 +629,11 @@ fn umount_returns_while_a_bind_of_the_mount_lives_on() {
 // ---------------------------------------------------------------------------------------------
 
 /// A private dockerd plus a volfs-mountd serving it as driver [`Docker::driver`].
+/// `-v VOLUME IMAGE sh -c SCRIPT`: the end of a `docker run` of a shell script.
+fn sh_in<'a>(volume: &'a str, script: &'a str) -> [&'a str; 6] {
+    ["-v", volume, IMAGE, "sh", "-c", script]
+}
+
 struct Docker {
     volfs: Daemon,
     driver: String,
@@ -834,42 +839,22 @@ impl Docker {
     /// `docker run -d --name NAME --network none -v VOLUME IMAGE sh -c SCRIPT`.
     #[track_caller]
     fn run_detached(&self, name: &str, volume: &str, script: &str) -> String {
-        self.docker_ok(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "none",
-            "-v",
-            volume,
-            IMAGE,
-            "sh",
-            "-c",
-            script,
-        ])
+        let mut all = vec!["run", "-d", "--name", name, "--network", "none"];
+        all.extend_from_slice(&sh_in(volume, script));
+        self.docker_ok(&all)
     }
 
     /// `docker run --rm --network none -v VOLUME IMAGE sh -c SCRIPT` (stdout), which must succeed.
     #[track_caller]
     fn run_sh(&self, volume: &str, script: &str) -> String {
-        self.run(&["-v", volume, IMAGE, "sh", "-c", script])
+        self.run(&sh_in(volume, script))
     }
 
     /// `docker run --rm --network none -v VOLUME IMAGE sh -c SCRIPT`, whatever its exit.
     fn sh_output(&self, volume: &str, script: &str) -> Output {
-        self.docker(&[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "-v",
-            volume,
-            IMAGE,
-            "sh",
-            "-c",
-            script,
-        ])
+        let mut all = vec!["run", "--rm", "--network", "none"];
+        all.extend_from_slice(&sh_in(volume, script));
+        self.docker(&all)
     }
 
     /// `docker volume create -d DRIVER args…`.
